@@ -1,0 +1,47 @@
+# Every target installs into .venv first if it is missing or out of date.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=300 --nbval-sanitize-with nbval_sanitize.cfg
+LAB_ARGS ?=
+
+.PHONY: install lab test unit nbval lint sync bench html clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+
+## make lab: JupyterLab on the book (notebooks/ are the executed chapters; book/ their sources)
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" $(LAB_ARGS) notebooks/00_preface.ipynb
+
+## make test: lint, unit tests, and every notebook re-executed by nbval
+test: $(STAMP)
+	$(VENV)/bin/ruff check minigpt wafer tests bench scripts
+	$(PY) -m pytest tests notebooks $(NBVAL) -p no:cacheprovider
+
+unit: $(STAMP)
+	$(PY) -m pytest tests -p no:cacheprovider
+
+nbval: $(STAMP)
+	$(PY) -m pytest notebooks $(NBVAL) -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check minigpt wafer tests bench scripts
+
+## make sync: pair book/*.md with notebooks/*.ipynb and re-execute changed chapters
+## (CHAPTERS="01 02" or FORCE=1 re-executes those or all)
+sync: $(STAMP)
+	$(PY) scripts/sync.py $(if $(FORCE),--force) $(CHAPTERS)
+
+## make bench: benchmarks; tables on stdout, JSON in bench/results/
+bench: $(STAMP)
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,115 @@
+"""The story world: the text determines the choices, and the exact entropy rate is right."""
+
+import math
+import random
+import re
+from collections import Counter
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minigpt import stories as S
+from minigpt.data import entropy_rate, generate_stories, parse, story_corpus
+from minigpt.tokenizer import CharTokenizer
+
+
+def test_world_is_big_enough():
+    assert len(S.NAMES) >= 40 and len(set(S.NAMES)) == len(S.NAMES)
+    assert len(S.OBJECTS) >= 30 and len(set(S.OBJECTS)) == len(S.OBJECTS)
+    assert len(S.PLACES) >= 15 and len(set(S.PLACES)) == len(S.PLACES)
+    templates = [t for _, table in S.SECTIONS for opts in table.values() for _, t in opts]
+    assert len(set(templates)) >= 15
+    for name, table in S.SECTIONS:
+        for cond, opts in table.items():
+            assert math.isclose(sum(p for p, _ in opts), 1.0), (name, cond)
+
+
+@given(st.integers(min_value=0, max_value=2**63))
+def test_parse_recovers_the_choices(seed):
+    story = S.generate_story(random.Random(seed))
+    assert parse(story.text) == story.choices
+
+
+def test_parse_recovers_choices_over_a_corpus():
+    stories = generate_stories(3000, seed=7)
+    assert all(parse(s.text) == s.choices for s in stories)
+    # distinct choices give distinct texts (the other half of "the text determines the choices")
+    by_text = {}
+    for s in stories:
+        assert by_text.setdefault(s.text, s.choices) == s.choices
+
+
+def test_logprobs_are_one_per_choice_and_normalised():
+    for s in generate_stories(200, seed=3):
+        assert len(s.logprobs) == len(s.choices)
+        assert all(lp <= 0 for lp in s.logprobs)
+        assert s.nats == pytest.approx(-sum(s.logprobs))
+
+
+def test_pronouns_agree_with_the_hero():
+    for s in generate_stories(500, seed=11):
+        words = re.findall(r"[A-Za-z]+", s.text)
+        hero_forms = Counter(w.lower() for w in words if w.lower() in ("she", "he", "her", "his", "him"))
+        female = {"she", "her"}
+        male = {"he", "his", "him"}
+        if s.facts.hero_gender == "f":
+            # "her" may be the friend only in "a girl from her class"... which is the hero's class
+            assert not (set(hero_forms) & male), s.text
+        else:
+            assert not (set(hero_forms) & female), s.text
+
+
+def test_facts_are_in_the_text():
+    for s in generate_stories(300, seed=5):
+        f = s.facts
+        assert f.hero in s.text and f.friend in s.text and f.hero != f.friend
+        assert f" {f.place}" in s.text and f.object in s.text and f.gift in s.text
+        assert f.gift != f.object and {f.giver, f.receiver} == {f.hero, f.friend}
+        assert f.ending in ("happy", "sad")
+
+
+def test_generation_is_deterministic_for_a_seed():
+    assert story_corpus(50, seed=1) == story_corpus(50, seed=1)
+    assert story_corpus(50, seed=1) != story_corpus(50, seed=2)
+    assert story_corpus(3, seed=0).count("\n") == 3
+
+
+def test_parse_rejects_texts_the_program_cannot_write():
+    text = generate_stories(1, seed=0)[0].text  # "Ben was a little boy ... he found ..."
+    with pytest.raises(ValueError, match="not a story-world text"):
+        parse(text.replace(" he ", " she ", 1))  # a pronoun that disagrees with the hero
+    with pytest.raises(ValueError, match="not a story-world text"):
+        parse(text + " The end.")
+    with pytest.raises(ValueError, match="not a story-world text"):
+        parse("It was a dark and stormy night.")
+    with pytest.raises(ValueError, match="not a story-world text"):
+        parse("Once upon a time, there was a little girl named Mia. One day, she found a red ball "
+              "under a tree. She took the ball to the park. There she saw her old friend Mia.")
+
+
+def test_exact_entropy_matches_the_sample_mean():
+    """The exact expectations agree with Monte Carlo averages within 5 standard errors."""
+    rate = entropy_rate()
+    stories = generate_stories(20000, seed=2024)
+    n = len(stories)
+    for exact, values in ((rate.nats_per_story, [s.nats for s in stories]),
+                          (rate.chars_per_story, [len(s.text) + 1 for s in stories])):
+        mean = sum(values) / n
+        se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+        assert abs(mean - exact) < 5 * se, (exact, mean, se)
+    assert rate.bits_per_char == pytest.approx(rate.nats_per_char / math.log(2))
+
+
+def test_entropy_per_token_with_a_character_tokenizer_equals_per_character():
+    tok = CharTokenizer.train(story_corpus(2000, seed=0))
+    rate = entropy_rate(tok, n_stories=3000)
+    assert abs(rate.tokens_per_story - rate.chars_per_story) < 5 * rate.tokens_per_story_stderr
+    assert rate.nats_per_token == pytest.approx(rate.nats_per_char, rel=0.01)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="n=-1"):
+        generate_stories(-1)
+    with pytest.raises(ValueError, match="n_stories=1"):
+        entropy_rate(CharTokenizer("ab"), n_stories=1)
