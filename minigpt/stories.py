@@ -355,41 +355,91 @@ def parse(text: str) -> tuple[tuple[str, str | int], ...]:
 
 # --- the entropy rate -------------------------------------------------------------------------------
 
-def _marginal(var: str) -> list[tuple[str, float]]:
-    """The marginal distribution of a variable's value.
+def _marginal(var: str, ending: str | None = None) -> list[tuple[str, float]]:
+    """The marginal distribution of a variable's value (given the ending, for "feeling").
 
     friend is uniform over NAMES without the hero, so by symmetry its marginal is uniform over NAMES;
-    likewise gift over OBJECTS. giver is a role (hero or friend), not a name.
+    likewise gift over OBJECTS.
     """
     if var == "friend":
-        return [(n, 1 / len(NAMES)) for n in NAMES]
-    if var == "gift":
-        return [(o, 1 / len(OBJECTS)) for o in OBJECTS]
-    values = VARIABLES[var]({})
+        values = NAMES
+    elif var == "gift":
+        values = OBJECTS
+    elif var == "feeling":
+        values = HAPPY_FEELINGS if ending == "happy" else SAD_FEELINGS
+    else:
+        values = VARIABLES[var]({})
     return [(v, 1 / len(values)) for v in values]
 
 
-def _expected_slot_chars(slot: str, ending: str | None) -> float:
-    """E[len(rendered slot)], from the marginals of the variables the slot reads."""
+def _pieces(template: str, lead: str) -> list[tuple[str, str | None]]:
+    """Split a sentence into (text, slot) pieces; literal pieces have slot None.
+
+    The space before a slot goes with the slot (" Mia", not " " + "Mia"), and ``lead`` (the space that
+    joins sentences) goes with the first piece, so that pieces begin where GPT-2's pre-splitting
+    begins a chunk: a word with its leading space, or punctuation.
+    """
+    out: list[tuple[str, str | None]] = []
+    pending, last = lead, 0
+    for m in _SLOT.finditer(template):
+        literal = pending + template[last:m.start()]
+        prefix = " " if literal.endswith(" ") else ""
+        if literal[: len(literal) - len(prefix)]:
+            out.append((literal[: len(literal) - len(prefix)], None))
+        out.append((prefix, m.group(1)))
+        pending, last = "", m.end()
+    if pending + template[last:]:
+        out.append((pending + template[last:], None))
+    return out
+
+
+def _expected_piece(prefix: str, slot: str, ending: str | None, cost: Callable[[str], float]) -> float:
+    """E[cost(prefix + rendered slot)], from the marginals of the variables the slot reads."""
     reads = SLOTS[slot][0]
     if reads == ("giver", "friend"):  # giver/receiver: the hero's or the friend's name, both uniform
-        return sum(p * len(n) for n, p in _marginal("hero"))
+        return sum(p * cost(prefix + n) for n, p in _marginal("hero"))
     (var,) = reads
-    if var == "feeling":
-        values = HAPPY_FEELINGS if ending == "happy" else SAD_FEELINGS
-        return sum(len(v) for v in values) / len(values)
     render = SLOTS[slot][1]
-    return sum(p * len(render({var: v})) for v, p in _marginal(var))
+    return sum(p * cost(prefix + render({var: v})) for v, p in _marginal(var, ending))
+
+
+def _expected_cost(cost: Callable[[str], float]) -> float:
+    """E[sum of cost over a story's pieces and its separator], exactly, by linearity of expectation.
+
+    Each section's template is drawn independently, and each slot's value has a known marginal, so
+    the expectation is a sum over sections, templates and slots. For ``cost=len`` this is the
+    expected number of characters; for a tokenizer's token count it is the expected number of tokens
+    when tokenization is additive over the pieces (checked by :func:`entropy_rate`).
+    """
+    total = cost(SEPARATOR)
+    for k, (_, table) in enumerate(SECTIONS):
+        for cond, options in table.items():
+            weight = 1.0 if cond is None else ENDINGS[cond]
+            for p, template in options:
+                for text, slot in _pieces(template, " " if k else ""):
+                    piece = cost(text) if slot is None else _expected_piece(text, slot, cond, cost)
+                    total += weight * p * piece
+    return total
+
+
+def _story_pieces(story: Story) -> list[str]:
+    """The story's text cut into the pieces that :func:`_expected_cost` sums over."""
+    bound = dict(story.choices)
+    templates = []
+    for name, table in SECTIONS:
+        options = table[bound["ending"]] if None not in table else table[None]
+        templates.append(options[bound[name]][1])
+    return [text if slot is None else text + SLOTS[slot][1](bound)
+            for k, t in enumerate(templates) for text, slot in _pieces(t, " " if k else "")] + [SEPARATOR]
 
 
 @dataclass(frozen=True)
 class EntropyRate:
-    """The corpus's entropy: per story (exact), per character (exact), per token (see ``entropy_rate``)."""
+    """The corpus's entropy per story, per character and (given a tokenizer) per token; all exact."""
 
     nats_per_story: float
     chars_per_story: float  # including the separator that follows each story
     tokens_per_story: float | None = None
-    tokens_per_story_stderr: float | None = None
 
     @property
     def nats_per_char(self) -> float:
@@ -408,19 +458,13 @@ def _entropy(probs) -> float:
     return -math.fsum(p * math.log(p) for p in probs if p > 0)
 
 
-def _exact_story_moments() -> tuple[float, float]:
-    """(E[-log p(story)], E[len(story) + len(separator)]), summed over the program's structure."""
+def _expected_nats() -> float:
+    """E[-log p(story)]: the entropy of each choice, weighted by the probability it is made."""
     nats = _entropy(ENDINGS.values())
-    chars = float(len(SEPARATOR)) + (len(SECTIONS) - 1)  # the spaces between sentences
     p_unused = {v: 1.0 for v in VARIABLES}  # P(no chosen template so far needs v)
     for _, table in SECTIONS:
         for cond, options in table.items():
-            weight = 1.0 if cond is None else ENDINGS[cond]
-            nats += weight * _entropy(p for p, _ in options)
-            for p, template in options:
-                slots = _SLOT.findall(template)
-                chars += weight * p * (len(_SLOT.sub("", template))
-                                       + sum(_expected_slot_chars(s, cond) for s in slots))
+            nats += (1.0 if cond is None else ENDINGS[cond]) * _entropy(p for p, _ in options)
         # sections draw templates independently, so P(unused) multiplies across sections
         for v in VARIABLES:
             p_use = sum((1.0 if c is None else ENDINGS[c]) * p for c, opts in table.items()
@@ -431,34 +475,35 @@ def _exact_story_moments() -> tuple[float, float]:
         if v == "feeling":  # only needed by ending templates; its set depends on the ending
             for ending, pe in ENDINGS.items():
                 p_use = sum(p for p, t in dict(SECTIONS)["closing"][ending] if "{feeling}" in t)
-                n = len(HAPPY_FEELINGS if ending == "happy" else SAD_FEELINGS)
-                nats += pe * p_use * math.log(n)
+                nats += pe * p_use * math.log(len(_marginal("feeling", ending)))
             continue
         n = sizes[v] if v in sizes else len(VARIABLES[v]({}))
         nats += (1 - p_unused[v]) * math.log(n)
-    return nats, chars
+    return nats
 
 
-def entropy_rate(tokenizer=None, n_stories: int = 2000, seed: int = 12345) -> EntropyRate:
+def entropy_rate(tokenizer=None) -> EntropyRate:
     """The entropy rate of the story corpus: the loss floor no model can beat.
 
     Because the text determines the choices, a story's information content is the sum of its choices'
     -log p, and the corpus (stories drawn independently, each followed by a newline) has entropy rate
     ``E[nats per story] / E[characters per story]`` (renewal-reward theorem). Both expectations are
-    computed exactly from the program's tables, not sampled.
-
-    With a ``tokenizer`` (anything with ``encode``), nats per token divides the exact nats per story by
-    the mean token count of ``n_stories`` sampled stories (a sample mean: its standard error is
-    returned alongside; a character tokenizer gives exactly the character count).
+    computed exactly from the program's tables, not sampled; so is ``E[tokens per story]`` for a
+    ``tokenizer`` whose encoding is additive over words with their leading space and punctuation
+    (characters, or BPE with GPT-2's pre-splitting). A tokenizer that is not raises ValueError.
 
     Built in: 01_tokens
     """
-    nats, chars = _exact_story_moments()
+    nats, chars = _expected_nats(), _expected_cost(len)
     if tokenizer is None:
         return EntropyRate(nats, chars)
-    if n_stories < 2:
-        raise ValueError(f"n_stories={n_stories} must be at least 2 to estimate tokens per story")
-    counts = [len(tokenizer.encode(s.text + SEPARATOR)) for s in generate_stories(n_stories, seed)]
-    mean = sum(counts) / len(counts)
-    var = sum((c - mean) ** 2 for c in counts) / (len(counts) - 1)
-    return EntropyRate(nats, chars, mean, math.sqrt(var / len(counts)))
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text))
+
+    for story in generate_stories(20, seed=0):
+        pieces = _story_pieces(story)
+        if sum(map(count, pieces)) != count(story.text + SEPARATOR):
+            raise ValueError(f"tokenizer {type(tokenizer).__name__} does not split stories at word "
+                             f"boundaries, so its tokens per story cannot be computed exactly")
+    return EntropyRate(nats, chars, _expected_cost(count))

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from minigpt import stories as S
 from minigpt.data import entropy_rate, generate_stories, parse, story_corpus
-from minigpt.tokenizer import CharTokenizer
+from minigpt.tokenizer import BPETokenizer, CharTokenizer
 
 
 def test_world_is_big_enough():
@@ -102,14 +102,30 @@ def test_exact_entropy_matches_the_sample_mean():
 
 
 def test_entropy_per_token_with_a_character_tokenizer_equals_per_character():
-    tok = CharTokenizer.train(story_corpus(2000, seed=0))
-    rate = entropy_rate(tok, n_stories=3000)
-    assert abs(rate.tokens_per_story - rate.chars_per_story) < 5 * rate.tokens_per_story_stderr
-    assert rate.nats_per_token == pytest.approx(rate.nats_per_char, rel=0.01)
+    rate = entropy_rate(CharTokenizer.train(story_corpus(2000, seed=0)))
+    assert rate.tokens_per_story == pytest.approx(rate.chars_per_story, rel=1e-12)
+    assert rate.nats_per_token == pytest.approx(rate.nats_per_char, rel=1e-12)
+
+
+def test_exact_tokens_per_story_matches_the_sample_mean():
+    bpe = BPETokenizer.train(story_corpus(500, seed=0), vocab_size=500)
+    rate = entropy_rate(bpe)
+    counts = [len(bpe.encode(s.text + "\n")) for s in generate_stories(20000, seed=6)]
+    mean = sum(counts) / len(counts)
+    se = math.sqrt(sum((c - mean) ** 2 for c in counts) / (len(counts) - 1) / len(counts))
+    assert abs(mean - rate.tokens_per_story) < 5 * se, (rate.tokens_per_story, mean, se)
+    assert rate.nats_per_token > rate.nats_per_char
+
+
+def test_a_tokenizer_that_ignores_word_boundaries_is_refused():
+    class Pairs:  # two characters per token, whatever they are
+        def encode(self, text):
+            return list(range((len(text) + 1) // 2))
+
+    with pytest.raises(ValueError, match="tokenizer Pairs does not split stories at word boundaries"):
+        entropy_rate(Pairs())
 
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="n=-1"):
         generate_stories(-1)
-    with pytest.raises(ValueError, match="n_stories=1"):
-        entropy_rate(CharTokenizer("ab"), n_stories=1)
