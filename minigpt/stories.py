@@ -110,8 +110,8 @@ SLOTS: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
 SECTIONS: tuple[tuple[str, dict], ...] = (
     ("intro", {None: [
         (0.5, "Once upon a time, there was a {adjective} {girl} named {hero}."),
-        (0.3, "There once lived a {adjective} {girl} called {hero}."),
-        (0.2, "{hero} was a {adjective} {girl} who loved to play outside."),
+        (0.3, "There once lived a {adjective} child called {hero}."),
+        (0.2, "{hero} was a {adjective} child who loved to play outside."),
     ]}),
     ("find", {None: [
         (0.4, "One day, {he} found {a_color} {color} {object} {spot}."),

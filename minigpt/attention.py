@@ -1,0 +1,265 @@
+"""Attention: scaled dot-product attention written out, multi-head attention, positional encodings.
+
+Conventions follow PyTorch so that results can be compared one for one:
+
+- ``attn_mask`` is boolean (True = may attend, as in ``F.scaled_dot_product_attention``) or additive
+  (a float tensor added to the scores, ``-inf`` to forbid), broadcastable to ``(..., T, S)``;
+- ``key_padding_mask`` is boolean ``(B, S)`` with True = padding, ignored (as in
+  ``nn.MultiheadAttention``);
+- a query that may attend to no key at all gets zero weights and a zero output (as SDPA does).
+
+Built in: 02_attention
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def causal_mask(t: int, s: int | None = None, device=None) -> torch.Tensor:
+    """Boolean (T, S) mask, True where query i may attend to key j: j <= i (+ S - T when S > T).
+
+    With S > T the queries are the last T positions of S (as when a cache holds earlier keys).
+    """
+    s = t if s is None else s
+    return torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() < 2 or k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(f"q, k, v must have the same number (>= 2) of dimensions (..., T, d); got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same last dimension d")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same number of keys "
+                         f"(dimension -2)")
+    try:
+        torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"batch dimensions of q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         f"do not broadcast") from None
+
+
+def _combined_mask(shape: torch.Size, dtype: torch.dtype, device, attn_mask, key_padding_mask,
+                   is_causal: bool) -> torch.Tensor | None:
+    """All masks as one additive float tensor broadcastable to scores of ``shape`` (..., T, S)."""
+    t, s = shape[-2:]
+    bias = None
+    if attn_mask is not None:
+        try:
+            if torch.broadcast_shapes(attn_mask.shape, shape) != shape:
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the "
+                             f"scores' shape {tuple(shape)} (..., T={t}, S={s})") from None
+        if attn_mask.dtype == torch.bool:
+            bias = torch.zeros(attn_mask.shape, dtype=dtype, device=device)
+            bias = bias.masked_fill(~attn_mask, float("-inf"))
+        else:
+            bias = attn_mask.to(dtype)
+    if is_causal:
+        c = torch.zeros(t, s, dtype=dtype, device=device)
+        c = c.masked_fill(~causal_mask(t, s, device), float("-inf"))
+        bias = c if bias is None else bias + c
+    if key_padding_mask is not None:
+        if (key_padding_mask.dim() != 2 or len(shape) < 3 or key_padding_mask.shape[1] != s
+                or key_padding_mask.shape[0] not in (1, shape[0])):
+            raise ValueError(f"key_padding_mask of shape {tuple(key_padding_mask.shape)} must be "
+                             f"(B={shape[0] if len(shape) > 2 else '?'}, S={s}) for scores of shape "
+                             f"{tuple(shape)}")
+        pad = torch.zeros(key_padding_mask.shape, dtype=dtype, device=device)
+        pad = pad.masked_fill(key_padding_mask.bool(), float("-inf"))
+        # (B, S) -> (B, 1, ..., 1, S) so that it lines up with (B, [H,] T, S)
+        pad = pad.view(pad.shape[0], *([1] * (len(shape) - 2)), s)
+        bias = pad if bias is None else bias + pad
+    return bias
+
+
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None,
+                                 key_padding_mask: torch.Tensor | None = None,
+                                 is_causal: bool = False, dropout_p: float = 0.0,
+                                 scale: float | None = None,
+                                 generator: torch.Generator | None = None,
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(d) + mask) v, written out. Returns (output, attention weights).
+
+    Shapes: q (..., T, d), k (..., S, d), v (..., S, dv) -> output (..., T, dv), weights (..., T, S).
+    Dropout (with probability ``dropout_p``, survivors scaled by 1/(1-p)) applies to the weights,
+    as in GPT-2; pass ``dropout_p=0`` at evaluation.
+
+    Built in: 02_attention
+    """
+    _check_qkv(q, k, v)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (..., T, S)
+    bias = _combined_mask(scores.shape, scores.dtype, scores.device, attn_mask, key_padding_mask, is_causal)
+    if bias is not None:
+        scores = scores + bias
+    weights = torch.softmax(scores, dim=-1)
+    if bias is not None:  # a row with no allowed key: softmax gives NaN; SDPA gives zeros
+        weights = weights.masked_fill(torch.isinf(scores).all(dim=-1, keepdim=True), 0.0)
+    if dropout_p > 0.0:
+        keep = torch.rand(weights.shape, generator=generator, device=weights.device) >= dropout_p
+        weights = weights * keep / (1.0 - dropout_p)
+    return weights @ v, weights
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention in GPT-2's layout.
+
+    ``c_attn`` is one fused projection to queries, keys and values (in that order along its output),
+    ``c_proj`` projects the merged heads back. With ``use_sdpa=True`` the core runs in
+    ``F.scaled_dot_product_attention`` (faster, same result); while :func:`record_attention` is
+    active the written-out core runs instead, so that its weights can be kept.
+
+    Built in: 02_attention
+    """
+
+    def __init__(self, n_embd: int, n_head: int, bias: bool = True, dropout: float = 0.0,
+                 causal: bool = True, use_sdpa: bool = True, rope: RotaryEmbedding | None = None):
+        super().__init__()
+        if n_embd <= 0 or n_head <= 0 or n_embd % n_head != 0:
+            raise ValueError(f"n_embd={n_embd} must be a positive multiple of n_head={n_head}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout} must be in [0, 1)")
+        if rope is not None and rope.head_dim != n_embd // n_head:
+            raise ValueError(f"rope.head_dim={rope.head_dim} must equal n_embd // n_head = "
+                             f"{n_embd // n_head}")
+        self.n_embd, self.n_head, self.head_dim = n_embd, n_head, n_embd // n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.dropout, self.causal, self.use_sdpa, self.rope = dropout, causal, use_sdpa, rope
+        self.resid_dropout = nn.Dropout(dropout)
+        self.recorded: list[torch.Tensor] | None = None  # set by record_attention
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = x.shape
+        return x.transpose(1, 2).contiguous().view(b, t, self.n_embd)  # (B, T, C)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.n_embd:
+            raise ValueError(f"x of shape {tuple(x.shape)} must be (B, T, n_embd={self.n_embd})")
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
+        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)  # (B, H, T, hd)
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
+        p = self.dropout if self.training else 0.0
+        if self.use_sdpa and self.recorded is None:
+            if attn_mask is None and key_padding_mask is None:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)
+            else:
+                shape = torch.Size((*q.shape[:-1], k.shape[-2]))
+                mask = _combined_mask(shape, q.dtype, q.device, attn_mask, key_padding_mask, self.causal)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        else:
+            y, weights = scaled_dot_product_attention(q, k, v, attn_mask, key_padding_mask,
+                                                      is_causal=self.causal, dropout_p=p)
+            if self.recorded is not None:
+                self.recorded.append(weights.detach())
+        return self.resid_dropout(self.c_proj(self.merge_heads(y)))
+
+
+@contextmanager
+def record_attention(model: nn.Module) -> Iterator[list[list[torch.Tensor]]]:
+    """Keep the attention weights of every :class:`MultiHeadAttention` in ``model`` while active.
+
+    Yields a list with one entry per attention module, in module order (layer 0 first); each entry is
+    the list of weight tensors (B, H, T, S) from the forward passes made inside the block.
+
+    Built in: 02_attention
+    """
+    modules = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} contains no MultiHeadAttention module to record")
+    maps: list[list[torch.Tensor]] = [[] for _ in modules]
+    for m, store in zip(modules, maps):
+        m.recorded = store
+    try:
+        yield maps
+    finally:
+        for m in modules:
+            m.recorded = None
+
+
+# --- positions --------------------------------------------------------------------------------------
+
+class LearnedPositions(nn.Module):
+    """A learned vector per position (GPT-2): ``forward(t)`` returns (T, n_embd).
+
+    Built in: 02_attention
+    """
+
+    def __init__(self, block_size: int, n_embd: int):
+        super().__init__()
+        self.block_size = block_size
+        self.wpe = nn.Embedding(block_size, n_embd)
+
+    def forward(self, t: int, offset: int = 0) -> torch.Tensor:
+        if not 0 < t + offset <= self.block_size:
+            raise ValueError(f"positions {offset}..{offset + t - 1} exceed block_size={self.block_size}")
+        return self.wpe(torch.arange(offset, offset + t, device=self.wpe.weight.device))
+
+
+def sinusoidal_positions(t: int, d: int, base: float = 10000.0) -> torch.Tensor:
+    """The Transformer's fixed encoding: (T, d) with sin in even and cos in odd columns.
+
+    PE[p, 2i] = sin(p / base^(2i/d)), PE[p, 2i+1] = cos(p / base^(2i/d)).
+
+    Built in: 02_attention
+    """
+    if d % 2:
+        raise ValueError(f"d={d} must be even for sinusoidal positions")
+    pos = torch.arange(t, dtype=torch.float64)[:, None]
+    freq = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    pe = torch.zeros(t, d, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)
+    return pe.float()
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE): rotate each pair (x[2i], x[2i+1]) by angle p * base^(-2i/d).
+
+    Applied to queries and keys, it makes the score q_m . k_n depend on the positions only through
+    m - n. ``forward(x, offset)`` takes (..., T, head_dim) with positions offset..offset+T-1.
+
+    Built in: 02_attention
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"head_dim={head_dim} must be even for RoPE")
+        self.head_dim, self.base = head_dim, base
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2).double() / head_dim),
+                             persistent=False)
+
+    def angles(self, t: int, offset: int = 0) -> torch.Tensor:
+        pos = torch.arange(offset, offset + t, dtype=torch.float64, device=self.inv_freq.device)
+        return pos[:, None] * self.inv_freq[None, :]  # (T, head_dim / 2)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        if x.shape[-1] != self.head_dim:
+            raise ValueError(f"x of shape {tuple(x.shape)} must end in head_dim={self.head_dim}")
+        theta = self.angles(x.shape[-2], offset)
+        cos, sin = theta.cos().to(x.dtype), theta.sin().to(x.dtype)
+        even, odd = x[..., 0::2], x[..., 1::2]
+        out = torch.empty_like(x)
+        out[..., 0::2] = even * cos - odd * sin
+        out[..., 1::2] = even * sin + odd * cos
+        return out
