@@ -151,19 +151,37 @@ class MultiHeadAttention(nn.Module):
         return x.transpose(1, 2).contiguous().view(b, t, self.n_embd)  # (B, T, C)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None = None,
+                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C).
+
+        ``cache`` is ``(k_buffer, v_buffer, start)`` with buffers (B, H, max_len, head_dim): this call's
+        keys and values are written at positions start..start+T-1, and the queries attend to every
+        position up to their own (chapter 03's KV cache).
+        """
         if x.dim() != 3 or x.shape[-1] != self.n_embd:
             raise ValueError(f"x of shape {tuple(x.shape)} must be (B, T, n_embd={self.n_embd})")
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)  # (B, H, T, hd)
+        start = 0
+        if cache is not None:
+            k_buf, v_buf, start = cache
+            end = start + x.shape[1]
+            if end > k_buf.shape[2]:
+                raise ValueError(f"the cache holds {k_buf.shape[2]} positions; {end} are needed")
         if self.rope is not None:
-            q, k = self.rope(q), self.rope(k)
+            q, k = self.rope(q, offset=start), self.rope(k, offset=start)
+        if cache is not None:
+            k_buf[:, :, start:end], v_buf[:, :, start:end] = k, v
+            k, v = k_buf[:, :, :end], v_buf[:, :, :end]
         p = self.dropout if self.training else 0.0
         if self.use_sdpa and self.recorded is None:
-            if attn_mask is None and key_padding_mask is None:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)
+            t, s = q.shape[-2], k.shape[-2]
+            causal = self.causal and t > 1  # a single query (the newest position) may see every key
+            if attn_mask is None and key_padding_mask is None and (not causal or t == s):
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
             else:
-                shape = torch.Size((*q.shape[:-1], k.shape[-2]))
+                shape = torch.Size((*q.shape[:-1], s))
                 mask = _combined_mask(shape, q.dtype, q.device, attn_mask, key_padding_mask, self.causal)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         else:

@@ -19,6 +19,7 @@ DEPENDENCIES = (
     ("regex", "regex", "GPT-2's pre-splitting pattern"),
     ("tqdm", "tqdm", "progress bars"),
     ("tiktoken", "tiktoken", "the reference BPE encoder"),
+    ("transformers", "transformers", "the reference GPT-2"),
     ("ipywidgets", "ipywidgets", "the explorers"),
     ("jupyterlab", "jupyterlab", "reading the book"),
     ("jupytext", "jupytext", "pairing book/*.md with notebooks/*.ipynb"),

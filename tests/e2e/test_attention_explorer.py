@@ -104,11 +104,23 @@ def wait_for_new_image(page, old_src):
                            arg=old_src, timeout=30_000)
 
 
+def accept_dialogs(page):
+    """JupyterLab sometimes asks which kernel to start, even with one installed: take its default."""
+    dialog = page.locator(".jp-Dialog")
+    for _ in range(3):
+        if not dialog.count():
+            return
+        dialog.locator("button.jp-mod-accept").first.click()
+        page.wait_for_timeout(500)
+
+
 def run_all(page):
     """Run → Run All Cells; again if no cell is queued ("[*]") within 30 s."""
     started = ("() => Array.from(document.querySelectorAll('.jp-InputPrompt'))"
                ".some(p => p.innerText.includes('[*]'))")
     for _ in range(3):
+        page.wait_for_timeout(1_000)  # let a kernel dialog, if any, open
+        accept_dialogs(page)
         page.get_by_role("menuitem", name="Run", exact=True).click()
         page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
         try:

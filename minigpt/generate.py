@@ -1,0 +1,149 @@
+"""Sampling from a GPT: greedy, temperature, top-k, top-p, with a preallocated KV cache.
+
+The arguments mirror the familiar ``model.generate(input_ids, max_length=100, temperature=0.7,
+num_return_sequences=5)``: ``max_length`` counts the prompt, ``max_new_tokens`` does not.
+
+Built in: 03_gpt
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from minigpt.model import GPT
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, in buffers allocated once.
+
+    ``k[layer]`` and ``v[layer]`` are (B, H, max_len, head_dim); ``length`` is how many positions are
+    filled. Each forward pass with the cache writes its new positions and attends to all filled ones,
+    so a new token costs one position's work instead of the whole sequence's.
+
+    Built in: 03_gpt
+    """
+
+    def __init__(self, model: GPT, batch_size: int, max_len: int | None = None):
+        c = model.config
+        max_len = c.block_size if max_len is None else max_len
+        if not 0 < max_len <= c.block_size:
+            raise ValueError(f"max_len={max_len} must be in [1, block_size={c.block_size}]")
+        p = model.lm_head.weight
+        shape = (c.n_layer, batch_size, c.n_head, max_len, c.head_dim)
+        self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """Scale by 1/temperature, then keep the ``top_k`` largest and the smallest set whose probability
+    reaches ``top_p`` (the nucleus); everything else becomes -inf. ``logits`` is (..., vocab).
+
+    Built in: 03_gpt
+    """
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _check(temperature, top_k, top_p, num_return_sequences, max_new_tokens) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k} must be an integer >= 1")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences={num_return_sequences} must be >= 1")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+
+
+@torch.inference_mode()
+def generate(model: GPT, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int | None = None,
+             *, max_length: int | None = None, do_sample: bool = True, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, num_return_sequences: int = 1,
+             stop_tokens: Iterable[int] = (), pad_token_id: int | None = None,
+             generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+    """Continue ``input_ids`` (a list of ids, or a (B, T) tensor) and return prompt + continuation.
+
+    ``do_sample=False`` or ``temperature=0`` picks the most likely token (greedy). A sequence that
+    emits one of ``stop_tokens`` stops there; it is padded with ``pad_token_id`` (default: that stop
+    token) while the others go on. Prompts longer than ``block_size`` keep their last ``block_size``
+    tokens. With ``use_cache`` the keys and values of earlier positions are kept in a :class:`KVCache`;
+    once the sequence fills ``block_size``, each step recomputes the last ``block_size`` positions.
+
+    Built in: 03_gpt
+    """
+    if max_new_tokens is None and max_length is None:
+        raise ValueError("give max_new_tokens or max_length")
+    idx = torch.as_tensor(input_ids, dtype=torch.long, device=model.lm_head.weight.device)
+    if idx.dim() == 1:
+        idx = idx[None]
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(f"input_ids of shape {tuple(idx.shape)} must be a non-empty prompt (T,) or (B, T)")
+    vocab = model.config.vocab_size
+    if idx.min() < 0 or idx.max() >= vocab:
+        raise ValueError(f"input_ids must be token ids in [0, {vocab}); got {idx.min().item()}.."
+                         f"{idx.max().item()}")
+    if max_new_tokens is None:
+        max_new_tokens = max_length - idx.shape[1]
+    greedy = not do_sample or temperature == 0
+    _check(temperature, top_k, top_p, num_return_sequences, max_new_tokens)
+    stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=idx.device)
+    if stop.numel() and (stop.min() < 0 or stop.max() >= vocab):
+        raise ValueError(f"stop_tokens must be token ids in [0, {vocab})")
+    pad = pad_token_id if pad_token_id is not None else (stop[0].item() if stop.numel() else 0)
+
+    was_training = model.training
+    model.eval()
+    try:
+        idx = idx.repeat_interleave(num_return_sequences, dim=0)
+        block = model.config.block_size
+        context = idx[:, -block:]
+        cache = KVCache(model, idx.shape[0]) if use_cache else None
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        new_tokens = []
+        pending = context  # what the model has not seen yet
+        for _ in range(max_new_tokens):
+            if cache is not None and cache.length + pending.shape[1] > block:
+                cache.length = 0  # full: recompute the last block_size positions from scratch
+                pending = context
+            if cache is None:
+                pending = context[:, -block:]
+            logits, _ = model(pending, kv_cache=cache)
+            logits = logits[:, -1, :].float()
+            if greedy:
+                nxt = logits.argmax(-1)
+            else:
+                probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            new_tokens.append(nxt)
+            if stop.numel():
+                done |= torch.isin(nxt, stop)
+            context = torch.cat([context, nxt[:, None]], dim=1)[:, -block:]
+            pending = nxt[:, None]
+            if done.all():
+                break
+    finally:
+        model.train(was_training)
+    if not new_tokens:
+        return idx
+    return torch.cat([idx, torch.stack(new_tokens, dim=1)], dim=1)

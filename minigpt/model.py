@@ -1,0 +1,253 @@
+"""The GPT: GPT-2's architecture, its parameter and FLOP counts, and Hugging Face GPT-2 weights.
+
+Built in: 03_gpt
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minigpt.attention import MultiHeadAttention
+
+
+@dataclass
+class GPTConfig:
+    """A GPT's shape, with GPT-2's names. The defaults are GPT-2 small (124M parameters).
+
+    Built in: 03_gpt
+    """
+
+    block_size: int = 1024  # longest sequence (learned positions)
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear layers and LayerNorms
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(f"layer_norm_epsilon={self.layer_norm_epsilon} must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: expand 4x, GELU (tanh approximation, as GPT-2), project back."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        eps = config.layer_norm_epsilon
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
+        self.attn = MultiHeadAttention(config.n_embd, config.n_head, bias=config.bias,
+                                       dropout=config.dropout, causal=True, use_sdpa=True)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache=cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2: token and position embeddings, ``n_layer`` blocks, a final LayerNorm, and a head that
+    shares its weights with the token embedding.
+
+    Built in: 03_gpt
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying: one matrix, two uses
+        self.apply(self._init_weights)
+        # GPT-2: each residual projection adds to the stream once per layer per sublayer, so its
+        # weights start smaller by 1/sqrt(2 n_layer) to keep the stream's variance from growing.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
+
+        ``targets`` (B, T) gives the mean cross-entropy, ignoring positions set to -100. ``kv_cache``
+        (a :class:`minigpt.generate.KVCache`) continues a sequence whose earlier keys and values it
+        holds; this call's are appended to it.
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"idx of shape {tuple(idx.shape)} must be (B, T)")
+        b, t = idx.shape
+        start = 0 if kv_cache is None else kv_cache.length
+        if start + t > self.config.block_size:
+            raise ValueError(f"positions up to {start + t} exceed block_size={self.config.block_size}")
+        if t == 0:
+            raise ValueError("idx is empty: a sequence needs at least one token")
+        if idx.min() < 0 or idx.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got "
+                             f"{idx.min().item()}..{idx.max().item()}")
+        pos = torch.arange(start, start + t, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i], start)
+            x = block(x, cache=cache)
+        if kv_cache is not None:
+            kv_cache.length = start + t
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    # -- accounting ----------------------------------------------------------------------------------
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameters in the module (the tied head counted once); ``non_embedding`` leaves out the
+        token and position embeddings, as scaling-law papers count N."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
+
+    # -- Hugging Face GPT-2 ----------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf_model) -> GPT:
+        """A GPT with the weights of a ``transformers`` ``GPT2LMHeadModel`` (Conv1D weights transposed).
+
+        Built in: 03_gpt
+        """
+        c = hf_model.config
+        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"activation_function={c.activation_function!r}: minigpt's MLP uses GELU "
+                             f"with the tanh approximation ('gelu_new')")
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                           n_head=c.n_head, n_embd=c.n_embd, dropout=0.0, bias=True,
+                           layer_norm_epsilon=c.layer_norm_epsilon)
+        model = cls(config)
+        model.load_state_dict(_hf_to_minigpt(hf_model.state_dict()))
+        return model
+
+    def to_hf(self):
+        """A ``transformers`` ``GPT2LMHeadModel`` with this model's weights.
+
+        Built in: 03_gpt
+        """
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        c = self.config
+        if not c.bias:
+            raise ValueError("bias=False has no GPT-2 equivalent: GPT-2 has biases everywhere")
+        eos = c.vocab_size - 1
+        hf = GPT2LMHeadModel(GPT2Config(
+            vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+            n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            layer_norm_epsilon=c.layer_norm_epsilon, activation_function="gelu_new",
+            bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True))
+        missing, unexpected = hf.load_state_dict(_minigpt_to_hf(self.state_dict()), strict=False)
+        leftover = [k for k in missing if k != "lm_head.weight"] + list(unexpected)
+        if leftover:
+            raise RuntimeError(f"weights did not line up with GPT2LMHeadModel: {leftover[:5]}")
+        hf.tie_weights()
+        return hf.eval()
+
+    @classmethod
+    def from_pretrained(cls, name: str = "gpt2") -> GPT:
+        """Load OpenAI's GPT-2 weights (``gpt2``, ``gpt2-medium``, ...) through ``transformers``.
+
+        Works when ``transformers`` can reach the Hugging Face hub or finds the weights in its cache;
+        otherwise raises a RuntimeError that says so. Nothing else in the book downloads weights.
+
+        Built in: 03_gpt
+        """
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError:
+            raise RuntimeError("GPT.from_pretrained needs the transformers package") from None
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"could not load {name!r} with transformers: neither the Hugging Face hub "
+                               f"nor its local cache has it ({type(e).__name__}: {str(e)[:200]})") from None
+        return cls.from_hf(hf)
+
+
+# Hugging Face's GPT-2 uses Conv1D layers, whose weight is (in, out): the transpose of nn.Linear's.
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _hf_to_minigpt(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if k.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers in older versions
+            continue
+        out[k] = v.t() if k.endswith(_CONV1D) else v
+    out.setdefault("lm_head.weight", out["transformer.wte.weight"])
+    return out
+
+
+def _minigpt_to_hf(sd: dict) -> dict:
+    return {k: (v.t() if k.endswith(_CONV1D) else v) for k, v in sd.items()}
+
+
+# --- FLOPs --------------------------------------------------------------------------------------------
+
+def flops_per_token(config: GPTConfig, context: int | None = None) -> dict[str, float]:
+    """Matrix-multiply FLOPs per token of a forward pass over ``context`` tokens (default block_size).
+
+    Per layer and token: the QKV projection 6C^2, scores and weighted sum 2 x 2TC (the full T x T,
+    as computed, though half is masked), the output projection 2C^2, the MLP 16C^2; then the head
+    2CV. Backward costs twice the forward (a gradient for the input and one for the weights of each
+    matmul), so training is 3x. Left out: LayerNorm, softmax, GELU, bias adds, embedding lookups,
+    which are O(C) per token, not O(C^2).
+
+    Built in: 03_gpt
+    """
+    t = config.block_size if context is None else context
+    c, n_layer, v = config.n_embd, config.n_layer, config.vocab_size
+    per_layer = 24 * c * c + 4 * t * c
+    forward = n_layer * per_layer + 2 * c * v
+    return {"forward": float(forward), "training": 3.0 * forward,
+            "attention_share": n_layer * 4 * t * c / forward}

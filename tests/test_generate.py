@@ -1,0 +1,92 @@
+"""Sampling and the KV cache."""
+
+import pytest
+import torch
+
+from minigpt.generate import KVCache, filter_logits, generate
+from minigpt.model import GPT, GPTConfig
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=50)).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(10)  # a peaked distribution, so greedy choices are clear
+    return m
+
+
+def test_cached_logits_equal_uncached(model):
+    x = torch.randint(0, 50, (3, 40))
+    with torch.no_grad():
+        full, _ = model(x)
+        cache = KVCache(model, 3)
+        first, _ = model(x[:, :25], kv_cache=cache)  # a prompt, then one token at a time
+        steps = [first] + [model(x[:, t:t + 1], kv_cache=cache)[0] for t in range(25, 40)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 40
+
+
+def test_cached_generation_equals_uncached(model):
+    prompt = torch.randint(0, 50, (2, 5))
+    for kwargs in ({"do_sample": False}, {"temperature": 0.8, "top_k": 10}):
+        a = generate(model, prompt, 100, generator=torch.Generator().manual_seed(1), **kwargs)
+        b = generate(model, prompt, 100, generator=torch.Generator().manual_seed(1), use_cache=False,
+                     **kwargs)
+        assert torch.equal(a, b)  # 105 tokens: past block_size=64, where the window slides
+        assert a.shape == (2, 105)
+
+
+def test_long_prompts_keep_their_last_block_size_tokens(model):
+    prompt = torch.randint(0, 50, (1, 100))
+    out = generate(model, prompt, 10, do_sample=False)
+    cropped = generate(model, prompt[:, -64:], 10, do_sample=False)
+    assert torch.equal(out[:, :100], prompt) and torch.equal(out[:, 100:], cropped[:, 64:])
+
+
+def test_sampling_knobs(model):
+    prompt = [1, 2, 3]
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    assert torch.equal(generate(model, prompt, 20, top_k=1, generator=g(0)),
+                       generate(model, prompt, 20, do_sample=False))
+    greedy = generate(model, prompt, 20, do_sample=False)
+    assert torch.equal(generate(model, prompt, 20, temperature=0), greedy)
+    assert torch.equal(generate(model, prompt, 20, generator=g(5)),
+                       generate(model, prompt, 20, generator=g(5)))
+    many = generate(model, prompt, max_length=30, num_return_sequences=5, generator=g(0))
+    assert many.shape == (5, 30) and len({tuple(r) for r in many.tolist()}) > 1
+
+
+def test_stop_tokens_end_a_sequence(model):
+    greedy = generate(model, [1, 2, 3], 30, do_sample=False)[0, 3:].tolist()
+    stop = greedy[4]
+    out = generate(model, [1, 2, 3], 30, do_sample=False, stop_tokens=[stop])[0, 3:].tolist()
+    first = greedy.index(stop)
+    assert out == greedy[:first + 1]  # everyone stopped, so generation ended there
+
+
+def test_filter_logits_closed_form():
+    logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
+    kept = lambda x: (x > float("-inf")).tolist()  # noqa: E731
+    assert kept(filter_logits(logits, top_k=2)) == [True, True, False, False, False]
+    assert kept(filter_logits(logits, top_p=0.6)) == [True, True, False, False, False]  # 0.5 < 0.6
+    assert kept(filter_logits(logits, top_p=0.5)) == [True, False, False, False, False]
+    assert kept(filter_logits(logits, top_p=0.86)) == [True, True, True, True, False]
+    torch.testing.assert_close(filter_logits(logits, temperature=2.0), logits / 2)
+
+
+def test_bad_arguments_are_named(model):
+    with pytest.raises(ValueError, match="temperature=-1"):
+        generate(model, [1], 5, temperature=-1)
+    with pytest.raises(ValueError, match="top_p=0"):
+        generate(model, [1], 5, top_p=0)
+    with pytest.raises(ValueError, match="top_p=1.5"):
+        generate(model, [1], 5, top_p=1.5)
+    with pytest.raises(ValueError, match="top_k=0"):
+        generate(model, [1], 5, top_k=0)
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        generate(model, [], 5)
+    with pytest.raises(ValueError, match=r"\[0, 50\); got 0..50"):
+        generate(model, [0, 50], 5)
+    with pytest.raises(ValueError, match="max_new_tokens or max_length"):
+        generate(model, [1])
