@@ -5,19 +5,13 @@ REQUIRE_BROWSER=1 (set by CI), which makes their absence a failure.
 """
 
 import os
-import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, jupyterlab, lab_flags
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = Path("/usr/bin/chromium")
@@ -49,38 +43,13 @@ def lab(tmp_path_factory):
     for rel in ("jupytext.toml", "book/02_attention.md", "notebooks/02_attention.ipynb"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, root / rel)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    token = secrets.token_hex(16)
-    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(root / ".config"),
-               JUPYTER_RUNTIME_DIR=str(root / ".runtime"))
     jupyter = Path(sys.executable).parent / "jupyter"
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = open(ARTIFACTS / "jupyterlab.log", "w")  # the server's log, for when the test fails
-    proc = subprocess.Popen([jupyter, "lab", "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
-                             f"--port={port}", f"--IdentityProvider.token={token}",
-                             f"--ServerApp.root_dir={root}"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("JupyterLab did not start within 90 s")
-                time.sleep(0.5)
-        yield base, token
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+
+    def lab_on_copy(port, token):
+        return [jupyter, "lab", *lab_flags(port, token), f"--ServerApp.root_dir={root}"]
+
+    with jupyterlab(lab_on_copy, root, ARTIFACTS / "jupyterlab.log") as server:
+        yield server
 
 
 def slider(page, name):
