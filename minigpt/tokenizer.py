@@ -66,12 +66,19 @@ class CharTokenizer:
         except (IndexError, TypeError):
             raise ValueError(f"ids must be integers in [0, {self.vocab_size})") from None
 
+    def to_text(self) -> str:
+        return json.dumps({"format": "minigpt-char 1", "chars": "".join(self.chars)})
+
     def save(self, path: str | os.PathLike) -> None:
-        atomic_write(Path(path), json.dumps({"format": "minigpt-char 1", "chars": "".join(self.chars)}))
+        atomic_write(Path(path), self.to_text())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CharTokenizer:
-        text = read_utf8(Path(path))
+        return cls.from_text(read_utf8(Path(path)), str(path))
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "the tokenizer text") -> CharTokenizer:
+        path = source
         try:
             data = json.loads(text)
             assert data["format"] == "minigpt-char 1" and isinstance(data["chars"], str)
@@ -286,10 +293,8 @@ class BPETokenizer:
         return self.decode_bytes([i])
 
     # -- files ---------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the tokenizer as text (written atomically).
-
-        Format, one item per line::
+    def to_text(self) -> str:
+        """The tokenizer as text. Format, one item per line::
 
             minigpt-bpe 1
             pattern <the pre-split regex as a JSON string>
@@ -305,12 +310,20 @@ class BPETokenizer:
         lines.append(f"specials {len(self.special_tokens)}")
         lines += [f"{json.dumps(s)} {i}" for s, i in self.special_tokens.items()]
         lines.append("end")
-        atomic_write(Path(path), "\n".join(lines) + "\n")
+        return "\n".join(lines) + "\n"
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`to_text` to ``path`` atomically."""
+        atomic_write(Path(path), self.to_text())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BPETokenizer:
-        path = Path(path)
-        lines = read_utf8(path).split("\n")
+        return cls.from_text(read_utf8(Path(path)), str(path))
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "the tokenizer text") -> BPETokenizer:
+        path = source
+        lines = text.split("\n")
         at = 0
 
         def bad(why: str) -> ValueError:

@@ -1,0 +1,326 @@
+"""Pretraining: random windows, AdamW, warmup + cosine, clipping, accumulation, evaluation,
+checkpoints that resume exactly, progress, and MFU.
+
+Built in: 04_pretraining
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from minigpt.files import atomic_write
+from minigpt.model import GPT, GPTConfig, flops_per_token
+from minigpt.tokenizer import BPETokenizer, CharTokenizer
+
+CHECKPOINT = "checkpoint.pt"
+HISTORY = "history.json"
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Defaults follow nanoGPT's small character-level CPU recipe.
+
+    Built in: 04_pretraining
+    """
+
+    max_steps: int = 2000
+    batch_size: int = 12
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 turns clipping off
+    grad_accum: int = 1
+    eval_interval: int = 250
+    eval_batches: int = 20
+    checkpoint_interval: int = 500  # 0: only at the end (and on Ctrl-C)
+    seed: int = 1337
+    device: str = "auto"  # "auto", "cpu", "cuda", "mps"
+    bf16: str = "auto"  # "auto" (on CUDA with bf16 support), "on", "off"
+    compile: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("warmup_steps", "checkpoint_interval", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be 0 or more")
+        if not 0 < self.min_lr <= self.lr:
+            raise ValueError(f"need 0 < min_lr <= lr; got min_lr={self.min_lr}, lr={self.lr}")
+        if self.device not in ("auto", "cpu", "cuda", "mps"):
+            raise ValueError(f"device={self.device!r} must be one of auto, cpu, cuda, mps")
+        if self.bf16 not in ("auto", "on", "off"):
+            raise ValueError(f"bf16={self.bf16!r} must be one of auto, on, off")
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``max_steps``.
+
+    Built in: 04_pretraining
+    """
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+class TokenWindows:
+    """Random windows of ``block_size + 1`` tokens from a token stream: inputs and next-token targets."""
+
+    def __init__(self, ids: torch.Tensor, block_size: int, name: str = "data"):
+        if ids.dim() != 1:
+            raise ValueError(f"{name}: token ids must be a 1-D tensor, got shape {tuple(ids.shape)}")
+        if len(ids) < block_size + 1:
+            raise ValueError(f"{name} has {len(ids)} tokens, fewer than block_size + 1 = {block_size + 1}: "
+                             f"use more text or a smaller block size")
+        self.ids, self.block_size = ids.long(), block_size
+
+    def batch(self, batch_size: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(len(self.ids) - self.block_size, (batch_size,), generator=generator)
+        offsets = torch.arange(self.block_size + 1)
+        windows = self.ids[starts[:, None] + offsets]  # (B, T + 1)
+        return windows[:, :-1].to(device), windows[:, 1:].to(device)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def tokenizer_to_dict(tokenizer) -> dict:
+    kind = "char" if isinstance(tokenizer, CharTokenizer) else "bpe"
+    return {"kind": kind, "text": tokenizer.to_text()}
+
+
+def tokenizer_from_dict(d: dict):
+    cls = CharTokenizer if d["kind"] == "char" else BPETokenizer
+    return cls.from_text(d["text"], "the checkpoint's tokenizer")
+
+
+def load_checkpoint(path: str | Path, device="cpu") -> dict:
+    """Read a checkpoint with ``weights_only=True``: tensors and plain data only, never pickled code.
+
+    Built in: 04_pretraining
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 (unpickling errors come in many types)
+        raise ValueError(f"{path} is not a loadable minigpt checkpoint (refused or corrupted): "
+                         f"{str(e).splitlines()[0][:200]}") from None
+
+
+def model_from_checkpoint(path: str | Path, device="cpu") -> tuple[GPT, object]:
+    """The trained model (in eval mode) and its tokenizer.
+
+    Built in: 04_pretraining
+    """
+    ckpt = load_checkpoint(path, device)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), tokenizer_from_dict(ckpt["tokenizer"])
+
+
+def measure_matmul_peak(device: torch.device, dtype=torch.float32, n: int = 1024,
+                        seconds: float = 0.5) -> float:
+    """FLOP/s of square matrix products on ``device``: the denominator of MFU, measured, not quoted."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+class Trainer:
+    """Trains a GPT on token streams; ``out_dir`` (optional) receives checkpoints and the loss history.
+
+    Built in: 04_pretraining
+    """
+
+    def __init__(self, model: GPT, train_ids: torch.Tensor, val_ids: torch.Tensor, config: TrainConfig,
+                 tokenizer=None, out_dir: str | Path | None = None):
+        self.config = config
+        self.device = pick_device(config.device)
+        self.model = model.to(self.device)
+        block = model.config.block_size
+        self.train_data = TokenWindows(train_ids, block, "the training split")
+        self.val_data = TokenWindows(val_ids, block, "the validation split")
+        self.tokenizer = tokenizer
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings
+        no_decay = [p for p in model.parameters() if p.dim() < 2]  # biases and LayerNorm gains
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr, betas=(config.beta1, config.beta2),
+            fused=self.device.type == "cuda")
+        self.use_bf16 = (config.bf16 == "on" or (config.bf16 == "auto" and self.device.type == "cuda"
+                                                 and torch.cuda.is_bf16_supported()))
+        self.step = 0
+        self.history: list[dict] = []
+        torch.manual_seed(config.seed)
+        self.data_generator = torch.Generator().manual_seed(config.seed)
+        self.forward = torch.compile(self.model) if config.compile else self.model
+
+    # -- one step ------------------------------------------------------------------------------------
+    def _loss(self, x, y) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            return self.forward(x, y)[1]
+
+    def train_step(self) -> float:
+        c = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.step, c)
+        self.model.train()
+        total = 0.0
+        for _ in range(c.grad_accum):
+            x, y = self.train_data.batch(c.batch_size, self.data_generator, self.device)
+            loss = self._loss(x, y) / c.grad_accum
+            loss.backward()
+            total += loss.item()
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over ``eval_batches`` windows of each split, drawn by a fixed-seed generator so
+        that every evaluation sees the same windows and training's random stream is untouched."""
+        self.model.eval()
+        out = {}
+        for name, data in (("train", self.train_data), ("val", self.val_data)):
+            g = torch.Generator().manual_seed(self.config.seed + 1)
+            losses = [self._loss(*data.batch(self.config.batch_size, g, self.device)).item()
+                      for _ in range(self.config.eval_batches)]
+            out[name] = sum(losses) / len(losses)
+        self.model.train()
+        return out
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def train(self, steps: int | None = None) -> list[dict]:
+        """Train until ``max_steps`` (or for ``steps`` more). Ctrl-C saves a checkpoint, then re-raises.
+
+        Built in: 04_pretraining
+        """
+        c = self.config
+        end = c.max_steps if steps is None else min(c.max_steps, self.step + steps)
+        tokens_per_step = c.batch_size * c.grad_accum * self.model.config.block_size
+        bar = tqdm(total=end, initial=self.step, disable=not c.progress, desc="training", unit="step")
+        running, start, start_step = None, time.perf_counter(), self.step
+        try:
+            while self.step < end:
+                loss = self.train_step()
+                running = loss if running is None else 0.9 * running + 0.1 * loss
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.3f}", lr=f"{learning_rate(self.step - 1, c):.2e}")
+                if self.step % c.eval_interval == 0 or self.step == end:
+                    elapsed = time.perf_counter() - start
+                    record = {"step": self.step, "loss": loss, **self.evaluate(),
+                              "lr": learning_rate(self.step - 1, c),
+                              "tokens_per_s": (self.step - start_step) * tokens_per_step / elapsed}
+                    self.history.append(record)
+                    start, start_step = time.perf_counter(), self.step
+                if self.out_dir and c.checkpoint_interval and self.step % c.checkpoint_interval == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            if self.out_dir:
+                self.save()
+            raise
+        finally:
+            bar.close()
+        if self.out_dir:
+            self.save()
+        return self.history
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "format": "minigpt-checkpoint 1",
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "model_config": asdict(self.model.config),
+            "train_config": asdict(self.config),
+            "rng": {"torch": torch.get_rng_state(), "data": self.data_generator.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "tokenizer": tokenizer_to_dict(self.tokenizer) if self.tokenizer is not None else None,
+            "history": self.history,
+        }
+
+    def save(self, out_dir: str | Path | None = None) -> Path:
+        """Write checkpoint.pt and history.json into ``out_dir`` atomically; return the checkpoint's path.
+
+        Built in: 04_pretraining
+        """
+        out = Path(out_dir) if out_dir is not None else self.out_dir
+        if out is None:
+            raise ValueError("no out_dir: pass one to save() or to the Trainer")
+        buf = io.BytesIO()
+        torch.save(self.state(), buf)
+        atomic_write(out / CHECKPOINT, buf.getvalue())
+        atomic_write(out / HISTORY, json.dumps(self.history, indent=1))
+        return out / CHECKPOINT
+
+    def load(self, path: str | Path) -> None:
+        """Continue from a checkpoint: model, optimizer, step, random states, history.
+
+        The checkpoint's model shape must equal this trainer's model; ValueError names what differs.
+
+        Built in: 04_pretraining
+        """
+        ckpt = load_checkpoint(path, self.device)
+        ours, theirs = asdict(self.model.config), ckpt["model_config"]
+        diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
+        if diff:
+            what = ", ".join(f"{k}={a} in the checkpoint but {b} here" for k, (a, b) in diff.items())
+            raise ValueError(f"cannot resume: the checkpoint's model differs ({what})")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step = ckpt["step"]
+        self.history = list(ckpt.get("history", []))
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        self.data_generator.set_state(ckpt["rng"]["data"].cpu())
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+
+    # -- efficiency ----------------------------------------------------------------------------------
+    def mfu(self, tokens_per_s: float, peak_flops: float | None = None) -> float:
+        """Model FLOPs utilisation: training FLOPs per second over the measured matmul peak."""
+        if peak_flops is None:
+            dtype = torch.bfloat16 if self.use_bf16 else torch.float32
+            peak_flops = measure_matmul_peak(self.device, dtype)
+        per_token = flops_per_token(self.model.config)["training"]
+        return per_token * tokens_per_s / peak_flops

@@ -1,0 +1,192 @@
+"""The Trainer and the command line: exact resume, safe loading, Ctrl-C, schedules, bad input."""
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+from minigpt.__main__ import main
+from minigpt.data import story_corpus
+from minigpt.model import GPT, GPTConfig
+from minigpt.tokenizer import CharTokenizer
+from minigpt.train import TrainConfig, Trainer, learning_rate, load_checkpoint, model_from_checkpoint
+
+TEXT = story_corpus(300, seed=0)
+TOK = CharTokenizer.train(TEXT)
+IDS = torch.tensor(TOK.encode(TEXT))
+TRAIN, VAL = IDS[:60000], IDS[60000:]
+
+
+def small_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=TOK.vocab_size, dropout=0.1)
+    return GPT(GPTConfig(**{**shape, **kw}))
+
+
+def config(**kw):
+    base = dict(max_steps=20, batch_size=4, warmup_steps=5, eval_interval=10, eval_batches=2,
+                checkpoint_interval=0, progress=False, device="cpu", grad_accum=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_resume_is_bit_identical(tmp_path):
+    straight = Trainer(small_model(), TRAIN, VAL, config(), tokenizer=TOK)
+    straight.train()
+
+    first = Trainer(small_model(), TRAIN, VAL, config(), tokenizer=TOK, out_dir=tmp_path)
+    first.train(steps=10)
+    first.save()
+    torch.manual_seed(999)  # anything that disturbs the global random state before resuming
+    second = Trainer(small_model(seed=5), TRAIN, VAL, config(), tokenizer=TOK, out_dir=tmp_path)
+    second.load(tmp_path)
+    assert second.step == 10
+    second.train()
+    for (name, a), b in zip(straight.model.named_parameters(), second.model.parameters()):
+        assert torch.equal(a, b), name  # dropout, data windows, AdamW moments: all restored exactly
+    assert [h["step"] for h in second.history] == [10, 20]
+
+
+def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path):
+    t = Trainer(small_model(), TRAIN, VAL, config(max_steps=4), tokenizer=TOK, out_dir=tmp_path)
+    t.train()
+    ckpt = load_checkpoint(tmp_path)
+    assert {"model", "optimizer", "step", "model_config", "train_config", "rng", "tokenizer"} <= set(ckpt)
+    model, tok = model_from_checkpoint(tmp_path)
+    assert tok.chars == TOK.chars and not model.training
+    assert (tmp_path / "history.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "history.json"]
+
+
+class Exploit:
+    def __reduce__(self):  # unpickling this would create a file
+        return (open, (str(Exploit.target), "w"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
+    Exploit.target = tmp_path / "pwned"
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": Exploit()}, path)
+    with pytest.raises(ValueError, match="refused or corrupted"):
+        load_checkpoint(path)
+    assert not Exploit.target.exists()
+    with open(path, "wb") as f:  # and a plain pickle of the same
+        pickle.dump({"model": Exploit()}, f)
+    with pytest.raises(ValueError, match="refused or corrupted"):
+        load_checkpoint(path)
+    assert not Exploit.target.exists()
+
+
+def test_learning_rate_schedule():
+    c = TrainConfig(max_steps=1000, warmup_steps=100, lr=1e-3, min_lr=1e-4)
+    assert learning_rate(0, c) == pytest.approx(1e-5)
+    assert learning_rate(99, c) == pytest.approx(1e-3)
+    assert learning_rate(550, c) == pytest.approx(0.55e-3)  # halfway down the cosine
+    assert learning_rate(1000, c) == pytest.approx(1e-4)
+    lrs = [learning_rate(s, c) for s in range(100, 1001)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_weight_decay_only_on_matrices():
+    t = Trainer(small_model(), TRAIN, VAL, config(weight_decay=0.1))
+    decay, no_decay = t.optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+
+
+def test_training_reduces_the_loss():
+    t = Trainer(small_model(dropout=0.0), TRAIN, VAL, config(max_steps=150, lr=3e-3, min_lr=3e-4,
+                                                               eval_interval=150, eval_batches=10))
+    before = t.evaluate()["val"]
+    t.train()
+    assert t.history[-1]["val"] < before - 1.0
+
+
+def run_cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "minigpt", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, **kw)
+
+
+def test_ctrl_c_leaves_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "minigpt", "train", "--data", "stories", "--stories",
+                             "300", "--n-layer", "1", "--n-embd", "32", "--block-size", "32",
+                             "--max-steps", "100000", "--checkpoint-interval", "0", "--no-progress",
+                             "--out", str(out)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "training" in proc.stderr.readline()  # the loop is about to start
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in err and "Traceback" not in err
+    ckpt = load_checkpoint(out)
+    assert ckpt["step"] > 0
+    model_from_checkpoint(out)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "no/such/file.txt"], "no/such/file.txt is not a file"),
+    (["--data", "EMPTY"], "is empty"),
+    (["--data", "stories", "--stories", "1", "--block-size", "512"], "fewer than block_size + 1"),
+    (["--data", "stories", "--n-embd", "30", "--n-head", "4"], "n_embd=30 must be divisible by n_head=4"),
+    (["--data", "stories", "--max-steps", "0"], "max_steps=0"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    (tmp_path / "empty.txt").write_text("")
+    args = [a.replace("EMPTY", str(tmp_path / "empty.txt")) for a in args]
+    assert main(["train", *args, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_resume_with_another_shape_is_refused(tmp_path, capsys):
+    common = ["--data", "stories", "--stories", "200", "--block-size", "16", "--n-embd", "32",
+              "--n-layer", "1", "--max-steps", "2", "--eval-interval", "1", "--no-progress"]
+    assert main(["train", *common, "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["train", *common[:-7], "--n-layer", "2", "--max-steps", "4", "--eval-interval", "1",
+                 "--no-progress", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "n_layer=1 in the checkpoint but 2 here" in err and len(err.splitlines()) == 1
+
+
+def test_cli_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--tokenizer", "words"])
+    assert e.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_sample_from_the_command_line(tmp_path):
+    t = Trainer(small_model(), TRAIN, VAL, config(max_steps=2), tokenizer=TOK, out_dir=tmp_path)
+    t.train()
+    done = run_cli("sample", "--ckpt", str(tmp_path), "--prompt", "Mia", "--max-new-tokens", "20")
+    assert done.returncode == 0 and done.stdout.startswith("Mia")
+    missing = run_cli("sample", "--ckpt", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "no checkpoint at" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_nanogpt_cpu_recipe_on_tiny_shakespeare(tmp_path, shakespeare_text):
+    """nanoGPT's CPU recipe (char level, 4x4x128, block 64, batch 12, 2000 steps) reaches val <= 1.90."""
+    data = tmp_path / "input.txt"
+    data.write_text(shakespeare_text, encoding="utf-8")
+    done = run_cli("train", "--data", str(data), "--tokenizer", "char", "--n-layer", "4", "--n-head", "4",
+                   "--n-embd", "128", "--block-size", "64", "--batch-size", "12", "--max-steps", "2000",
+                   "--lr", "1e-3", "--min-lr", "1e-4", "--warmup", "100", "--dropout", "0",
+                   "--eval-batches", "50", "--no-progress", "--out", str(tmp_path / "run"),
+                   env=dict(os.environ), )
+    assert done.returncode == 0, done.stderr[-2000:]
+    val = float(done.stdout.strip().split("val loss ")[-1])
+    assert val <= 1.90, done.stdout
