@@ -238,14 +238,18 @@ class Trainer:
         c = self.config
         end = c.max_steps if steps is None else min(c.max_steps, self.step + steps)
         tokens_per_step = c.batch_size * c.grad_accum * self.model.config.block_size
-        bar = tqdm(total=end, initial=self.step, disable=not c.progress, desc="training", unit="step")
+        # at most one redraw a second: a notebook receives every redraw as a message, and a flood of
+        # them can crowd out the kernel's other messages
+        bar = tqdm(total=end, initial=self.step, disable=not c.progress, desc="training", unit="step",
+                   mininterval=1.0)
         running, start, start_step = None, time.perf_counter(), self.step
         try:
             while self.step < end:
                 loss = self.train_step()
                 running = loss if running is None else 0.9 * running + 0.1 * loss
                 bar.update(1)
-                bar.set_postfix(loss=f"{running:.3f}", lr=f"{learning_rate(self.step - 1, c):.2e}")
+                bar.set_postfix(loss=f"{running:.3f}", lr=f"{learning_rate(self.step - 1, c):.2e}",
+                                refresh=False)
                 if self.step % c.eval_interval == 0 or self.step == end:
                     elapsed = time.perf_counter() - start
                     record = {"step": self.step, "loss": loss, **self.evaluate(),
