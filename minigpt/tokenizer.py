@@ -29,7 +29,19 @@ _FORMAT = "minigpt-bpe 1"
 _CACHE_LIMIT = 200_000  # chunks remembered by encode; cleared when full
 
 
-class CharTokenizer:
+class _SavedAsText:
+    """``save`` and ``load`` for a tokenizer that has ``to_text`` and ``from_text``."""
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`to_text` to ``path`` atomically."""
+        atomic_write(Path(path), self.to_text())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        return cls.from_text(read_utf8(Path(path)), str(path))
+
+
+class CharTokenizer(_SavedAsText):
     """One token per character, over the characters of a training text (sorted, so ids are stable).
 
     Built in: 01_tokens
@@ -69,13 +81,6 @@ class CharTokenizer:
     def to_text(self) -> str:
         return json.dumps({"format": "minigpt-char 1", "chars": "".join(self.chars)})
 
-    def save(self, path: str | os.PathLike) -> None:
-        atomic_write(Path(path), self.to_text())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> CharTokenizer:
-        return cls.from_text(read_utf8(Path(path)), str(path))
-
     @classmethod
     def from_text(cls, text: str, source: str = "the tokenizer text") -> CharTokenizer:
         path = source
@@ -88,7 +93,7 @@ class CharTokenizer:
         return cls(data["chars"])
 
 
-class BPETokenizer:
+class BPETokenizer(_SavedAsText):
     """Byte-level BPE: ``ranks`` maps token bytes to ids; special tokens come after them.
 
     Built in: 01_tokens
@@ -311,14 +316,6 @@ class BPETokenizer:
         lines += [f"{json.dumps(s)} {i}" for s, i in self.special_tokens.items()]
         lines.append("end")
         return "\n".join(lines) + "\n"
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write :meth:`to_text` to ``path`` atomically."""
-        atomic_write(Path(path), self.to_text())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> BPETokenizer:
-        return cls.from_text(read_utf8(Path(path)), str(path))
 
     @classmethod
     def from_text(cls, text: str, source: str = "the tokenizer text") -> BPETokenizer:
