@@ -1,0 +1,147 @@
+"""Scaling laws: training FLOPs, compute-optimal sizes, and fitting L(C) = a C^-b + E.
+
+Built in: 06_scaling
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from minigpt.model import GPTConfig, flops_per_token
+
+TOKENS_PER_PARAMETER = 20.0  # the compute-optimal ratio of Hoffmann et al. (2022), used by Cerebras-GPT
+
+
+def training_flops_6nd(n_params: float, n_tokens: float) -> float:
+    """The usual estimate: 6 FLOPs per parameter per token (2 forward, 4 backward).
+
+    Built in: 06_scaling
+    """
+    return 6.0 * n_params * n_tokens
+
+
+def training_flops(config: GPTConfig, n_tokens: float, context: int | None = None) -> float:
+    """Training FLOPs counted from the model's matrix products (chapter 03's formula), attention and
+    the output head included: ``3 x forward FLOPs per token x tokens``.
+
+    Built in: 06_scaling
+    """
+    return flops_per_token(config, context)["training"] * n_tokens
+
+
+def compute_optimal_tokens(n_params: float, ratio: float = TOKENS_PER_PARAMETER) -> float:
+    """Tokens to train ``n_params`` parameters compute-optimally: about 20 per parameter.
+
+    Built in: 06_scaling
+    """
+    if n_params <= 0 or ratio <= 0:
+        raise ValueError(f"n_params={n_params} and ratio={ratio} must be positive")
+    return ratio * n_params
+
+
+def compute_optimal_params(flops: float, ratio: float = TOKENS_PER_PARAMETER) -> float:
+    """The parameter count N with 6 N (ratio N) = ``flops``: the model a compute budget affords.
+
+    Built in: 06_scaling
+    """
+    if flops <= 0 or ratio <= 0:
+        raise ValueError(f"flops={flops} and ratio={ratio} must be positive")
+    return math.sqrt(flops / (6.0 * ratio))
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """L(C) = a C^-b + E, with one-standard-error uncertainties from the fit's covariance."""
+
+    a: float
+    b: float
+    E: float
+    a_err: float
+    b_err: float
+    E_err: float
+    rms_residual: float
+
+    def __call__(self, c):
+        return self.a * np.power(np.asarray(c, dtype=float), -self.b) + self.E
+
+
+def fit_power_law(compute, loss, iterations: int = 200) -> PowerLawFit:
+    """Least-squares fit of L = a C^-b + E (Levenberg-Marquardt on log a, b, E).
+
+    ``compute`` may span many orders of magnitude: the fit works in x = ln C, centred, so that the
+    three parameters are of comparable scale. Needs at least four points (three parameters plus one
+    degree of freedom for the uncertainties).
+
+    Built in: 06_scaling
+    """
+    c = np.asarray(compute, dtype=float)
+    y = np.asarray(loss, dtype=float)
+    if c.shape != y.shape or c.ndim != 1:
+        raise ValueError(f"compute {c.shape} and loss {y.shape} must be 1-D and of the same length")
+    if len(c) < 4:
+        raise ValueError(f"{len(c)} points: a fit of a, b and E needs at least 4")
+    if (c <= 0).any() or not np.isfinite(y).all():
+        raise ValueError("compute must be positive and losses finite")
+    x = np.log(c)
+    x0 = x.mean()
+    u = x - x0
+
+    def model(p):  # p = (alpha, b, E) with a C^-b = exp(alpha - b u)
+        return np.exp(p[0] - p[1] * u) + p[2]
+
+    def jacobian(p):
+        e = np.exp(p[0] - p[1] * u)
+        return np.stack([e, -u * e, np.ones_like(u)], axis=1)
+
+    # start: E a little below the smallest loss, then a straight line in log-log for the rest
+    e0 = y.min() - 0.5 * (y.max() - y.min()) - 1e-3
+    slope, intercept = np.polyfit(u, np.log(y - e0), 1)
+    p = np.array([intercept, -slope, e0])
+    damping = 1e-3
+    cost = np.sum((y - model(p)) ** 2)
+    for _ in range(iterations):
+        j, r = jacobian(p), y - model(p)
+        jtj = j.T @ j
+        step = np.linalg.solve(jtj + damping * np.diag(np.diag(jtj)), j.T @ r)
+        trial = p + step
+        trial_cost = np.sum((y - model(trial)) ** 2)
+        if trial_cost < cost:
+            p, cost, damping = trial, trial_cost, damping / 3
+            if np.abs(step).max() < 1e-12:
+                break
+        else:
+            damping *= 4
+    j = jacobian(p)
+    dof = len(y) - 3
+    sigma2 = cost / dof if dof > 0 else float("nan")
+    cov = sigma2 * np.linalg.pinv(j.T @ j)
+    alpha, b, e = p
+    log_a = alpha + b * x0  # a C^-b = exp(alpha - b (ln C - x0))
+    # var(ln a) = var(alpha) + x0^2 var(b) + 2 x0 cov(alpha, b)
+    var_log_a = cov[0, 0] + x0**2 * cov[1, 1] + 2 * x0 * cov[0, 1]
+    a = math.exp(log_a)
+    return PowerLawFit(a=a, b=float(b), E=float(e), a_err=a * math.sqrt(max(var_log_a, 0.0)),
+                       b_err=math.sqrt(max(cov[1, 1], 0.0)), E_err=math.sqrt(max(cov[2, 2], 0.0)),
+                       rms_residual=math.sqrt(cost / len(y)))
+
+
+# Cerebras-GPT (Dey et al. 2023, arXiv 2304.03208), standard parametrisation: training FLOPs from the
+# paper's evaluation table and Pile test loss in nats per token. Source: the book's WAFER_FACTS, sec. 3.
+CEREBRAS_GPT = {
+    # name: (n_layer, d_model, n_head, tokens, flops_eval_table, pile_loss_sp)
+    "111M": (10, 768, 12, 2.22e9, 2.6e18, 2.608),
+    "256M": (14, 1088, 17, 5.12e9, 1.3e19, 2.349),
+    "590M": (18, 1536, 12, 1.18e10, 6.1e19, 2.181),
+    "1.3B": (24, 2048, 16, 2.63e10, 2.8e20, 1.997),
+    "2.7B": (32, 2560, 20, 5.30e10, 1.1e21, 1.834),
+    "6.7B": (32, 4096, 32, 1.33e11, 6.3e21, 1.704),
+    "13B": (40, 5120, 40, 2.57e11, 2.3e22, 1.572),
+}
+
+
+def cerebras_gpt_published_law(flops):
+    """The paper's fitted law: L(f) = (f / 5.984e22)^-0.0737 + 0.5066 (nats per token on the Pile)."""
+    return np.power(np.asarray(flops, dtype=float) / 5.984e22, -0.0737) + 0.5066
