@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--n-embd", type=int, default=128)
     model.add_argument("--block-size", type=int, default=64)
     model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True,
+                       help="biases in Linear layers and LayerNorms (GPT-2 has them; nanoGPT's recipes not)")
     opt = t.add_argument_group("optimisation")
     opt.add_argument("--max-steps", type=int, default=2000)
     opt.add_argument("--batch-size", type=int, default=12)
@@ -115,7 +117,8 @@ def cmd_train(args) -> None:
     train_ids = torch.tensor(tokenizer.encode(train_text, **_allow(tokenizer)))
     val_ids = torch.tensor(tokenizer.encode(val_text, **_allow(tokenizer)))
     model = GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                          block_size=args.block_size, vocab_size=tokenizer.vocab_size, dropout=args.dropout))
+                          block_size=args.block_size, vocab_size=tokenizer.vocab_size, dropout=args.dropout,
+                          bias=args.bias))
     out = args.resume or args.out
     if out is None:
         raise ValueError("--out DIR is required (or --resume DIR)")

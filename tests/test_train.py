@@ -179,13 +179,18 @@ def test_sample_from_the_command_line(tmp_path):
 
 @pytest.mark.slow
 def test_nanogpt_cpu_recipe_on_tiny_shakespeare(tmp_path, shakespeare_text):
-    """nanoGPT's CPU recipe (char level, 4x4x128, block 64, batch 12, 2000 steps) reaches val <= 1.90."""
+    """nanoGPT's CPU recipe (char level, 4x4x128, block 64, batch 12, 2000 steps) reaches val <= 1.90.
+
+    Measured here: 1.883 to 1.888 over three runs (training on several CPU threads is not bit-exact
+    from run to run). The estimate uses 150 batches (115k characters, about the whole validation
+    split); with 50 batches, sampling noise alone moved it by 0.015.
+    """
     data = tmp_path / "input.txt"
     data.write_text(shakespeare_text, encoding="utf-8")
     done = run_cli("train", "--data", str(data), "--tokenizer", "char", "--n-layer", "4", "--n-head", "4",
                    "--n-embd", "128", "--block-size", "64", "--batch-size", "12", "--max-steps", "2000",
                    "--lr", "1e-3", "--min-lr", "1e-4", "--warmup", "100", "--dropout", "0",
-                   "--eval-batches", "50", "--no-progress", "--out", str(tmp_path / "run"),
+                   "--eval-batches", "150", "--no-progress", "--out", str(tmp_path / "run"),
                    env=dict(os.environ), )
     assert done.returncode == 0, done.stderr[-2000:]
     val = float(done.stdout.strip().split("val loss ")[-1])
