@@ -19,6 +19,7 @@ from pathlib import Path
 
 from minigpt.files import read_utf8
 from minigpt.stories import (  # noqa: F401  (the story world is part of minigpt.data's interface)
+    QUESTIONS,
     EntropyRate,
     Facts,
     Story,
@@ -26,6 +27,7 @@ from minigpt.stories import (  # noqa: F401  (the story world is part of minigpt
     generate_stories,
     generate_story,
     parse,
+    questions,
     story_corpus,
 )
 

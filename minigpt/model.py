@@ -111,13 +111,12 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
+    def features(self, idx: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """idx (B, T) token ids -> the final hidden states (B, T, n_embd), after ``ln_f``: what the head
+        reads, and what a classifier built on the body (chapter 05) reads instead.
 
-        ``targets`` (B, T) gives the mean cross-entropy, ignoring positions set to -100. ``kv_cache``
-        (a :class:`minigpt.generate.KVCache`) continues a sequence whose earlier keys and values it
-        holds; this call's are appended to it.
+        ``kv_cache`` (a :class:`minigpt.generate.KVCache`) continues a sequence whose earlier keys and
+        values it holds; this call's are appended to it.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx of shape {tuple(idx.shape)} must be (B, T)")
@@ -137,7 +136,16 @@ class GPT(nn.Module):
             x = block(x, cache=cache)
         if kv_cache is not None:
             kv_cache.length = start + t
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
+
+        ``targets`` (B, T) gives the mean cross-entropy, ignoring positions set to -100. ``kv_cache``
+        as in :meth:`features`.
+        """
+        logits = self.lm_head(self.features(idx, kv_cache))  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)

@@ -253,6 +253,34 @@ def story_corpus(n: int, seed: int = 0) -> str:
     return "".join(s.text + SEPARATOR for s in generate_stories(n, seed))
 
 
+# --- questions: the finetuning tasks ----------------------------------------------------------------
+
+# A question about a story: its template (filled from the story's facts) and the fact that answers it.
+QUESTIONS: dict[str, tuple[str, str]] = {
+    "place": ("Where did {hero} go?", "place"),
+    "object": ("What did {hero} find?", "object"),
+    "color": ("What color was the {object}?", "color"),
+    "friend": ("Who did {hero} meet?", "friend"),
+    "gift": ("What did {giver} give to {receiver}?", "gift"),
+    "giver": ("Who gave the {gift} to {receiver}?", "giver"),
+}
+
+
+def questions(story: Story, kinds=None) -> list[dict[str, str]]:
+    """Questions about ``story`` with their one-word answers, as examples with the fields ``story``,
+    ``question``, ``response`` and ``kind``. ``kinds`` picks from :data:`QUESTIONS` (default: all).
+
+    Built in: 05_finetuning
+    """
+    kinds = list(QUESTIONS) if kinds is None else list(kinds)
+    unknown = [k for k in kinds if k not in QUESTIONS]
+    if unknown:
+        raise ValueError(f"unknown question kind {unknown[0]!r}; valid kinds are {list(QUESTIONS)}")
+    facts = vars(story.facts)
+    return [{"story": story.text, "question": QUESTIONS[k][0].format(**facts),
+             "response": facts[QUESTIONS[k][1]], "kind": k} for k in kinds]
+
+
 # --- parsing: the text determines the choices -------------------------------------------------------
 
 def _template_regex(template: str) -> re.Pattern:

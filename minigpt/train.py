@@ -161,8 +161,22 @@ def measure_matmul_peak(device: torch.device, dtype=torch.float32, n: int = 1024
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
+def _as_batches(data, block_size: int, name: str):
+    """A 1-D tensor of token ids becomes random windows; anything with a ``batch(batch_size, generator,
+    device)`` method (such as :class:`minigpt.finetune.Examples`) is used as it is."""
+    if hasattr(data, "batch"):
+        return data
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of token ids or have a batch() method, "
+                        f"not {type(data).__name__}")
+    return TokenWindows(data, block_size, name)
+
+
 class Trainer:
     """Trains a GPT on token streams; ``out_dir`` (optional) receives checkpoints and the loss history.
+
+    ``train_ids`` and ``val_ids`` may instead be example sets (chapter 05's finetuning data); only the
+    parameters that require gradients are optimised (a frozen body, LoRA).
 
     Built in: 04_pretraining
     """
@@ -173,12 +187,15 @@ class Trainer:
         self.device = pick_device(config.device)
         self.model = model.to(self.device)
         block = model.config.block_size
-        self.train_data = TokenWindows(train_ids, block, "the training split")
-        self.val_data = TokenWindows(val_ids, block, "the validation split")
+        self.train_data = _as_batches(train_ids, block, "the training split")
+        self.val_data = _as_batches(val_ids, block, "the validation split")
         self.tokenizer = tokenizer
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings
-        no_decay = [p for p in model.parameters() if p.dim() < 2]  # biases and LayerNorm gains
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters (everything has requires_grad=False)")
+        decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings
+        no_decay = [p for p in params if p.dim() < 2]  # biases and LayerNorm gains
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
@@ -187,6 +204,7 @@ class Trainer:
         self.use_bf16 = (config.bf16 == "on" or (config.bf16 == "auto" and self.device.type == "cuda"
                                                  and torch.cuda.is_bf16_supported()))
         self.step = 0
+        self.tokens = 0  # input tokens processed by this object (for tokens/s)
         self.history: list[dict] = []
         torch.manual_seed(config.seed)
         self.data_generator = torch.Generator().manual_seed(config.seed)
@@ -205,6 +223,7 @@ class Trainer:
         total = 0.0
         for _ in range(c.grad_accum):
             x, y = self.train_data.batch(c.batch_size, self.data_generator, self.device)
+            self.tokens += x.numel()
             loss = self._loss(x, y) / c.grad_accum
             loss.backward()
             total += loss.item()
@@ -237,12 +256,11 @@ class Trainer:
         """
         c = self.config
         end = c.max_steps if steps is None else min(c.max_steps, self.step + steps)
-        tokens_per_step = c.batch_size * c.grad_accum * self.model.config.block_size
         # at most one redraw a second: a notebook receives every redraw as a message, and a flood of
         # them can crowd out the kernel's other messages
         bar = tqdm(total=end, initial=self.step, disable=not c.progress, desc="training", unit="step",
                    mininterval=1.0)
-        running, start, start_step = None, time.perf_counter(), self.step
+        running, start, start_tokens = None, time.perf_counter(), self.tokens
         try:
             while self.step < end:
                 loss = self.train_step()
@@ -254,9 +272,9 @@ class Trainer:
                     elapsed = time.perf_counter() - start
                     record = {"step": self.step, "loss": loss, **self.evaluate(),
                               "lr": learning_rate(self.step - 1, c),
-                              "tokens_per_s": (self.step - start_step) * tokens_per_step / elapsed}
+                              "tokens_per_s": (self.tokens - start_tokens) / elapsed}
                     self.history.append(record)
-                    start, start_step = time.perf_counter(), self.step
+                    start, start_tokens = time.perf_counter(), self.tokens
                 if self.out_dir and c.checkpoint_interval and self.step % c.checkpoint_interval == 0:
                     self.save()
         except KeyboardInterrupt:

@@ -1,0 +1,522 @@
+"""Finetuning a pretrained GPT: a classification head, instruction tuning with the loss on the response
+only, and LoRA adapters.
+
+Everything here trains with :class:`minigpt.train.Trainer`: :class:`Examples` has the same
+``batch(batch_size, generator, device)`` as the token windows of pretraining, and both models return
+``(logits, loss)`` from ``forward(idx, targets)``.
+
+Built in: 05_finetuning
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import string
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minigpt.files import atomic_write
+from minigpt.model import GPT
+
+IGNORE = -100  # the target of a position that the loss skips (F.cross_entropy's ignore_index)
+
+# --- classification -----------------------------------------------------------------------------------
+
+
+class GPTClassifier(nn.Module):
+    """A pretrained GPT's body with a linear head over ``labels`` instead of the vocabulary.
+
+    ``pooling="last"`` reads the final hidden state of each sequence's last real token (which, with
+    causal attention, has seen the whole text); ``"mean"`` averages the hidden states of all real
+    tokens. Padding is ``pad_id`` on the right, as :class:`Examples` pads. ``freeze_body=True``
+    trains the head alone (a linear probe of the pretrained features).
+
+    Built in: 05_finetuning
+    """
+
+    def __init__(self, body: GPT, labels: Sequence[str], pad_id: int, pooling: str = "last",
+                 freeze_body: bool = False):
+        super().__init__()
+        labels = tuple(labels)
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ValueError(f"labels={labels!r} must be at least two distinct names")
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"pooling={pooling!r} must be 'last' or 'mean'")
+        if not 0 <= pad_id < body.config.vocab_size:
+            raise ValueError(f"pad_id={pad_id} must be a token id in [0, {body.config.vocab_size})")
+        self.body, self.labels, self.pad_id, self.pooling = body, labels, pad_id, pooling
+        self.config = body.config
+        self.head = nn.Linear(body.config.n_embd, len(labels))
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.freeze_body(freeze_body)
+
+    def freeze_body(self, frozen: bool = True) -> None:
+        for p in self.body.parameters():
+            p.requires_grad_(not frozen)
+
+    def label_ids(self, names: Sequence[str]) -> torch.Tensor:
+        """Class indices of label names; a name outside the label set is a ValueError."""
+        index = {name: i for i, name in enumerate(self.labels)}
+        bad = [n for n in names if n not in index]
+        if bad:
+            raise ValueError(f"label {bad[0]!r} is not one of {list(self.labels)}")
+        return torch.tensor([index[n] for n in names])
+
+    def pool(self, features: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) hidden states -> (B, C), reading only the real (non-pad) tokens of each row."""
+        real = idx != self.pad_id
+        if (real[:, 1:] & ~real[:, :-1]).any() or not real[:, 0].all():
+            raise ValueError(f"padding (pad_id={self.pad_id}) must come after the text, on the right, and "
+                             f"every row needs at least one real token")
+        if self.pooling == "last":
+            last = real.sum(1) - 1
+            return features[torch.arange(len(idx), device=idx.device), last]
+        w = real.unsqueeze(-1).to(features.dtype)
+        return (features * w).sum(1) / w.sum(1)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) right-padded token ids -> (logits (B, n_labels), mean cross-entropy or None)."""
+        logits = self.head(self.pool(self.body.features(idx), idx))
+        loss = None
+        if targets is not None:
+            if targets.shape != (len(idx),) or targets.min() < 0 or targets.max() >= len(self.labels):
+                raise ValueError(f"targets must be {len(idx)} class indices in [0, {len(self.labels)}); "
+                                 f"got shape {tuple(targets.shape)}, values {targets.min().item()}.."
+                                 f"{targets.max().item()}")
+            loss = F.cross_entropy(logits.float(), targets)
+        return logits, loss
+
+
+# --- instruction data -------------------------------------------------------------------------------
+
+
+class PromptTemplate:
+    """A template such as ``"{story}\\nQ: {question}\\nA: {response}"``: the fields before ``{response}``
+    make the prompt, and the text the model must learn to write goes in ``{response}``, which must be
+    the template's last field.
+
+    Spaces just before ``{response}`` move to the start of the response: byte-level BPE attaches a
+    word's leading space to the word (" park" is one token), so the response tokenizes as it did in
+    pretraining text, and the prompt never ends in a lone space token.
+
+    Built in: 05_finetuning
+    """
+
+    def __init__(self, template: str, response_field: str = "response"):
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        if any(f == "" or not f.isidentifier() for f in fields):
+            raise ValueError(f"template {template!r} has a positional or malformed field; use named "
+                             f"fields such as {{question}}")
+        if response_field not in fields:
+            raise ValueError(f"template {template!r} has no {{{response_field}}} field: the response is "
+                             f"what the model learns to write, e.g. 'Q: {{question}}\\nA: "
+                             f"{{{response_field}}}'")
+        if fields.count(response_field) > 1 or fields[-1] != response_field:
+            raise ValueError(f"template {template!r}: {{{response_field}}} must appear once, as the last "
+                             f"field (the prompt is everything before it)")
+        self.template, self.response_field = template, response_field
+        self.fields = tuple(dict.fromkeys(fields))
+        head, tail = template.split("{" + response_field + "}")
+        stripped = head.rstrip(" ")
+        self._prompt, self._lead, self._tail = stripped, head[len(stripped):], tail
+
+    def prompt(self, example: Mapping[str, str]) -> str:
+        """The text the model is given (everything before the response)."""
+        missing = [f for f in self.fields if f != self.response_field and f not in example]
+        if missing:
+            raise ValueError(f"example lacks field(s) {missing}; the template needs {list(self.fields)}")
+        return self._prompt.format(**{k: v for k, v in example.items() if k != self.response_field})
+
+    def response(self, example: Mapping[str, str]) -> str:
+        """The text the model learns to write (with the template's text after the field, if any)."""
+        if self.response_field not in example:
+            raise ValueError(f"example lacks the response field {self.response_field!r}; it has "
+                             f"{sorted(example)}")
+        return self._lead + str(example[self.response_field]) + self._tail
+
+    def render(self, example: Mapping[str, str]) -> tuple[str, str]:
+        return self.prompt(example), self.response(example)
+
+
+def encode_instruction(tokenizer, template: PromptTemplate, example: Mapping[str, str], eos_id: int,
+                       ) -> tuple[list[int], list[int]]:
+    """(inputs, targets) for one example: the prompt and response tokens followed by ``eos_id`` (so
+    the model learns to stop), shifted by one as in pretraining, with the target of every position
+    that predicts a prompt token set to IGNORE. The loss is on the response (and the stop) only.
+
+    Built in: 05_finetuning
+    """
+    return encode_conversation(tokenizer, template, [example], eos_id)
+
+
+def encode_conversation(tokenizer, template: PromptTemplate, examples: Sequence[Mapping[str, str]],
+                        eos_id: int, shared: Sequence[str] = ()) -> tuple[list[int], list[int]]:
+    """Several examples as one sequence of turns: the first rendered in full, each later one with its
+    ``shared`` fields (the story they all ask about) left empty, every response followed by
+    ``eos_id``. Targets as in :func:`encode_instruction`: only responses and stops are learned.
+
+    One story with four questions costs about twice the tokens of one story with one question, and
+    teaches four answers.
+
+    Built in: 05_finetuning
+    """
+    if not examples:
+        raise ValueError("a conversation needs at least one example")
+    ids: list[int] = []
+    learn: list[bool] = []
+    for k, example in enumerate(examples):
+        if k:
+            missing = [f for f in shared if f not in example]
+            if missing:
+                raise ValueError(f"shared field(s) {missing} not in example {k}; it has {sorted(example)}")
+            example = {**example, **{f: "" for f in shared}}
+        prompt, response = template.render(example)
+        p, r = tokenizer.encode(prompt), tokenizer.encode(response)
+        if not r or (k == 0 and not p):
+            raise ValueError(f"prompt and response must both be non-empty; got {prompt!r} and {response!r}")
+        ids += p + r + [eos_id]
+        learn += [False] * len(p) + [True] * (len(r) + 1)
+    targets = [t if keep else IGNORE for t, keep in zip(ids[1:], learn[1:])]
+    return ids[:-1], targets
+
+
+class Examples:
+    """Encoded examples of different lengths, batched with right padding.
+
+    ``targets`` holds either one class index per example (classification) or one target per input
+    position (instruction tuning; padding gets IGNORE). ``batch`` draws examples at random, as the
+    pretraining windows do, so :class:`minigpt.train.Trainer` trains on either.
+
+    Built in: 05_finetuning
+    """
+
+    def __init__(self, inputs: Sequence[Sequence[int]], targets: Sequence, pad_id: int,
+                 block_size: int | None = None, name: str = "examples"):
+        if not inputs:
+            raise ValueError(f"{name}: no examples")
+        if len(inputs) != len(targets):
+            raise ValueError(f"{name}: {len(inputs)} inputs but {len(targets)} targets")
+        for i, (x, y) in enumerate(zip(inputs, targets)):
+            if not len(x):
+                raise ValueError(f"{name}: example {i} is empty")
+            if block_size is not None and len(x) > block_size:
+                raise ValueError(f"{name}: example {i} has {len(x)} tokens, more than "
+                                 f"block_size={block_size}")
+            if not isinstance(y, int) and len(y) != len(x):
+                raise ValueError(f"{name}: example {i} has {len(x)} inputs but {len(y)} targets")
+        self.inputs = [list(x) for x in inputs]
+        self.targets = [y if isinstance(y, int) else list(y) for y in targets]
+        self.pad_id, self.name = pad_id, name
+        self.per_token = not isinstance(self.targets[0], int)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def collate(self, indices: Sequence[int], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples at ``indices`` as (inputs (B, T), targets (B, T) or (B,)), T the longest."""
+        t = max(len(self.inputs[i]) for i in indices)
+        x = torch.full((len(indices), t), self.pad_id, dtype=torch.long)
+        for row, i in enumerate(indices):
+            x[row, :len(self.inputs[i])] = torch.tensor(self.inputs[i])
+        if self.per_token:
+            y = torch.full((len(indices), t), IGNORE, dtype=torch.long)
+            for row, i in enumerate(indices):
+                y[row, :len(self.targets[i])] = torch.tensor(self.targets[i])
+        else:
+            y = torch.tensor([self.targets[i] for i in indices])
+        return x.to(device), y.to(device)
+
+    def batch(self, batch_size: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.collate(torch.randint(len(self), (batch_size,), generator=generator).tolist(), device)
+
+    def batches(self, batch_size: int, device="cpu"):
+        """All examples in order, ``batch_size`` at a time (for evaluation)."""
+        for start in range(0, len(self), batch_size):
+            yield self.collate(range(start, min(len(self), start + batch_size)), device)
+
+    @classmethod
+    def for_classification(cls, tokenizer, texts: Sequence[str], labels: Sequence[str],
+                           model: GPTClassifier, name: str = "examples") -> Examples:
+        """Texts and their label names, for ``model``; a label outside its label set is a ValueError."""
+        ids = model.label_ids(labels).tolist()
+        return cls([tokenizer.encode(t) for t in texts], ids, model.pad_id, model.config.block_size, name)
+
+    @classmethod
+    def for_instructions(cls, tokenizer, template: PromptTemplate, examples: Sequence, eos_id: int,
+                         pad_id: int, block_size: int | None = None, shared: Sequence[str] = (),
+                         name: str = "examples") -> Examples:
+        """Single-turn examples (mappings), or conversations (lists of mappings that share the
+        ``shared`` fields, see :func:`encode_conversation`)."""
+        pairs = [encode_conversation(tokenizer, template, [e] if isinstance(e, Mapping) else e, eos_id,
+                                     shared) for e in examples]
+        return cls([x for x, _ in pairs], [y for _, y in pairs], pad_id, block_size, name)
+
+
+# --- evaluation -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def classification_accuracy(model: GPTClassifier, examples: Examples, batch_size: int = 64) -> float:
+    """Fraction of ``examples`` whose highest-scoring label is the true one.
+
+    Built in: 05_finetuning
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    right = 0
+    for x, y in examples.batches(batch_size, device):
+        right += (model(x)[0].argmax(-1) == y).sum().item()
+    return right / len(examples)
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, examples: Examples, batch_size: int = 64) -> float:
+    """Cross-entropy over all of ``examples``' targets (each target token counts once; IGNORE skipped).
+
+    Built in: 05_finetuning
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for x, y in examples.batches(batch_size, device):
+        n = (y != IGNORE).sum().item()
+        total += model(x, y)[1].item() * n
+        count += n
+    return total / count
+
+
+@torch.inference_mode()
+def greedy_complete(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_id: int,
+                    pad_id: int = 0, batch_size: int = 64) -> list[list[int]]:
+    """Greedy continuations of many prompts of different lengths, a batch at a time.
+
+    The prompts are padded on the right. Causal attention means that a position's logits depend only
+    on the tokens up to it, so each row reads the logits at its own last token and writes the chosen
+    token into the next position, over the padding. A row stops at ``stop_id`` (not included in its
+    result) or after ``max_new_tokens``. Equal to :func:`minigpt.generate.generate` with
+    ``do_sample=False`` prompt by prompt (a test checks this), and much faster on a CPU than one
+    prompt at a time.
+
+    Built in: 05_finetuning
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    block = model.config.block_size
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[start:start + batch_size]]
+        lengths = torch.tensor([len(p) for p in chunk], device=device)
+        if lengths.min() < 1 or lengths.max() + max_new_tokens > block:
+            raise ValueError(f"prompts of {lengths.min().item()}..{lengths.max().item()} tokens plus "
+                             f"{max_new_tokens} new ones must fit in block_size={block}")
+        buf = torch.full((len(chunk), lengths.max().item() + max_new_tokens), pad_id, device=device)
+        for row, p in enumerate(chunk):
+            buf[row, :len(p)] = torch.tensor(p)
+        rows = torch.arange(len(chunk), device=device)
+        done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+        answers = [[] for _ in chunk]
+        for _ in range(max_new_tokens):
+            logits = model(buf[:, :lengths.max()])[0]
+            nxt = logits[rows, lengths - 1].argmax(-1)
+            done |= nxt == stop_id
+            for row in (~done).nonzero().flatten().tolist():
+                answers[row].append(nxt[row].item())
+            buf[rows[~done], lengths[~done]] = nxt[~done]
+            lengths = torch.where(done, lengths, lengths + 1)
+            if done.all():
+                break
+        out.extend(answers)
+    return out
+
+
+def exact_match(model: GPT, tokenizer, template: PromptTemplate, examples: Sequence[Mapping[str, str]],
+                eos_id: int, max_new_tokens: int = 8, pad_id: int = 0) -> tuple[float, list[str]]:
+    """Greedy answers to the prompts of ``examples`` and the fraction that equal the response exactly
+    (after stripping surrounding whitespace).
+
+    Built in: 05_finetuning
+    """
+    prompts = [tokenizer.encode(template.prompt(e)) for e in examples]
+    answers = [tokenizer.decode(a).strip()
+               for a in greedy_complete(model, prompts, max_new_tokens, eos_id, pad_id)]
+    right = sum(a == str(e[template.response_field]).strip() for a, e in zip(answers, examples))
+    return right / len(examples), answers
+
+
+# --- LoRA ---------------------------------------------------------------------------------------------
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update: y = base(x) + (alpha / r) x A^T B^T.
+
+    A (r, in) starts random and B (out, r) starts at zero, so the layer starts equal to its base and
+    training moves it along a rank-r subspace. ``merge()`` adds (alpha / r) B A into the base weight,
+    so inference costs nothing extra; ``unmerge()`` takes it out again.
+
+    Built in: 05_finetuning
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, not {type(base).__name__}")
+        width = min(base.in_features, base.out_features)
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= width:
+            raise ValueError(f"rank={rank!r} must be an integer from 1 to {width}, the smaller side of this "
+                             f"{base.in_features} -> {base.out_features} layer")
+        alpha = float(rank if alpha is None else alpha)
+        if alpha <= 0:
+            raise ValueError(f"alpha={alpha} must be positive")
+        self.base, self.rank, self.alpha, self.scaling = base, rank, alpha, alpha / rank
+        for p in base.parameters():
+            p.requires_grad_(False)
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises a weight
+        self.dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def delta(self) -> torch.Tensor:
+        """The update to the base weight, (alpha / r) B A, shaped like it: (out, in)."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if not self.merged:
+            y = y + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+        return y
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.delta()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta()
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}, merged={self.merged}"
+
+
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets: Sequence[str] = LORA_TARGETS,
+             trainable: Sequence[str] = (), dropout: float = 0.0) -> list[str]:
+    """Freeze ``model`` and wrap each ``nn.Linear`` whose name ends with one of ``targets`` in a
+    :class:`LoRALinear`. Parameters whose names start with one of ``trainable`` (a new head, say)
+    stay trainable. Returns the wrapped modules' names.
+
+    Built in: 05_finetuning
+    """
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    chosen = [n for n in linear if n.endswith(tuple(targets))]
+    if not chosen:
+        raise ValueError(f"no nn.Linear matches targets={list(targets)}; this model has "
+                         f"{sorted({n.split('.', 2)[-1] if n.count('.') > 2 else n for n in linear})}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, p in model.named_parameters():
+        if name.startswith(tuple(trainable)) and trainable:
+            p.requires_grad_(True)
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(linear[name], rank, alpha, dropout))
+    return chosen
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameter_count(shapes: Sequence[tuple[int, int]], rank: int) -> int:
+    """Trainable parameters that LoRA of rank r adds to layers of (in, out) shapes: r (in + out) each."""
+    return sum(rank * (i + o) for i, o in shapes)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def merge_lora(model: nn.Module) -> None:
+    for m in lora_modules(model).values():
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for m in lora_modules(model).values():
+        m.unmerge()
+
+
+def save_adapters(model: nn.Module, path: str | Path) -> Path:
+    """Write only what finetuning trained (every parameter with ``requires_grad``: the LoRA matrices and
+    any trainable head) to ``path``, atomically; a few hundred kilobytes instead of the whole model.
+
+    Built in: 05_finetuning
+    """
+    modules = lora_modules(model)
+    if any(m.merged for m in modules.values()):
+        raise ValueError("the adapters are merged into the base weights: unmerge_lora(model) before saving")
+    tensors = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    if not tensors:
+        raise ValueError("the model has no trainable parameters to save")
+    state = {"format": "minigpt-adapters 1", "tensors": tensors,
+             "lora": {n: {"rank": m.rank, "alpha": m.alpha} for n, m in modules.items()}}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path = Path(path)
+    atomic_write(path, buf.getvalue())
+    return path
+
+
+def load_adapters(model: nn.Module, path: str | Path) -> None:
+    """Load adapters saved by :func:`save_adapters` into ``model``, which must already have the same
+    LoRA layers (call :func:`add_lora` with the same rank and targets on the same base model first).
+
+    Built in: 05_finetuning
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path} is not a loadable adapter file (refused or corrupted): "
+                         f"{str(e).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict) or state.get("format") != "minigpt-adapters 1":
+        raise ValueError(f"{path} is not a minigpt adapter file")
+    ours = {n: {"rank": m.rank, "alpha": m.alpha} for n, m in lora_modules(model).items()}
+    if ours != state["lora"]:
+        raise ValueError(f"the model's LoRA layers ({len(ours)}) do not match the file's "
+                         f"({len(state['lora'])}); add_lora with the same rank and targets first")
+    params = dict(model.named_parameters())
+    missing = [n for n in state["tensors"] if n not in params]
+    if missing:
+        raise ValueError(f"the model has no parameter {missing[0]!r} that the adapter file holds")
+    with torch.no_grad():
+        for n, t in state["tensors"].items():
+            if params[n].shape != t.shape:
+                raise ValueError(f"{n}: shape {tuple(t.shape)} in the file, {tuple(params[n].shape)} here")
+            params[n].copy_(t)
