@@ -38,3 +38,15 @@ def read_utf8(path: str | os.PathLike) -> str:
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text: invalid byte {data[e.start]:#04x} at offset "
                          f"{e.start}") from None
+
+
+def load_tensors(path: str | os.PathLike, what: str, device="cpu"):
+    """``torch.load`` with ``weights_only=True`` (tensors and plain data only, never pickled code); a
+    file that is refused or unreadable is a ValueError naming ``what`` it should have been."""
+    import torch
+
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 (unpickling errors come in many types)
+        raise ValueError(f"{path} is not a loadable {what} (refused or corrupted): "
+                         f"{str(e).splitlines()[0][:200]}") from None

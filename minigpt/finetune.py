@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt.files import atomic_write
+from minigpt.files import atomic_write, load_tensors
 from minigpt.model import GPT
 
 IGNORE = -100  # the target of a position that the loss skips (F.cross_entropy's ignore_index)
@@ -436,13 +436,11 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets: S
     linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     chosen = [n for n in linear if n.endswith(tuple(targets))]
     if not chosen:
-        raise ValueError(f"no nn.Linear matches targets={list(targets)}; this model has "
-                         f"{sorted({n.split('.', 2)[-1] if n.count('.') > 2 else n for n in linear})}")
-    for p in model.parameters():
-        p.requires_grad_(False)
+        raise ValueError(f"no nn.Linear matches targets={list(targets)}; this model's are named "
+                         f"{sorted({'.'.join(n.split('.')[-2:]) for n in linear})}")
+    keep = tuple(trainable)
     for name, p in model.named_parameters():
-        if name.startswith(tuple(trainable)) and trainable:
-            p.requires_grad_(True)
+        p.requires_grad_(bool(keep) and name.startswith(keep))
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -500,11 +498,7 @@ def load_adapters(model: nn.Module, path: str | Path) -> None:
 
     Built in: 05_finetuning
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path} is not a loadable adapter file (refused or corrupted): "
-                         f"{str(e).splitlines()[0][:200]}") from None
+    state = load_tensors(path, "adapter file")
     if not isinstance(state, dict) or state.get("format") != "minigpt-adapters 1":
         raise ValueError(f"{path} is not a minigpt adapter file")
     ours = {n: {"rank": m.rank, "alpha": m.alpha} for n, m in lora_modules(model).items()}

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from minigpt.files import atomic_write
+from minigpt.files import atomic_write, load_tensors
 from minigpt.model import GPT, GPTConfig, flops_per_token
 from minigpt.tokenizer import BPETokenizer, CharTokenizer
 
@@ -125,11 +125,7 @@ def load_checkpoint(path: str | Path, device="cpu") -> dict:
         path = path / CHECKPOINT
     if not path.is_file():
         raise ValueError(f"no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 (unpickling errors come in many types)
-        raise ValueError(f"{path} is not a loadable minigpt checkpoint (refused or corrupted): "
-                         f"{str(e).splitlines()[0][:200]}") from None
+    return load_tensors(path, "minigpt checkpoint", device)
 
 
 def model_from_checkpoint(path: str | Path, device="cpu") -> tuple[GPT, object]:
