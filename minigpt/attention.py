@@ -126,7 +126,8 @@ class MultiHeadAttention(nn.Module):
     """
 
     def __init__(self, n_embd: int, n_head: int, bias: bool = True, dropout: float = 0.0,
-                 causal: bool = True, use_sdpa: bool = True, rope: RotaryEmbedding | None = None):
+                 causal: bool = True, use_sdpa: bool = True, rope: RotaryEmbedding | None = None,
+                 scale: float | None = None):
         super().__init__()
         if n_embd <= 0 or n_head <= 0 or n_embd % n_head != 0:
             raise ValueError(f"n_embd={n_embd} must be a positive multiple of n_head={n_head}")
@@ -139,6 +140,7 @@ class MultiHeadAttention(nn.Module):
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.dropout, self.causal, self.use_sdpa, self.rope = dropout, causal, use_sdpa, rope
+        self.scale = scale  # None: 1/sqrt(head_dim); muP (chapter 06) uses 1/head_dim
         self.resid_dropout = nn.Dropout(dropout)
         self.recorded: list[torch.Tensor] | None = None  # set by record_attention
 
@@ -179,14 +181,14 @@ class MultiHeadAttention(nn.Module):
             t, s = q.shape[-2], k.shape[-2]
             causal = self.causal and t > 1  # a single query (the newest position) may see every key
             if attn_mask is None and key_padding_mask is None and (not causal or t == s):
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal, scale=self.scale)
             else:
                 shape = torch.Size((*q.shape[:-1], s))
                 mask = _combined_mask(shape, q.dtype, q.device, attn_mask, key_padding_mask, self.causal)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scale)
         else:
             y, weights = scaled_dot_product_attention(q, k, v, attn_mask, key_padding_mask,
-                                                      is_causal=self.causal, dropout_p=p)
+                                                      is_causal=self.causal, dropout_p=p, scale=self.scale)
             if self.recorded is not None:
                 self.recorded.append(weights.detach())
         return self.resid_dropout(self.c_proj(self.merge_heads(y)))

@@ -30,6 +30,11 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms
     layer_norm_epsilon: float = 1e-5
+    # muP, the maximal-update parametrisation (chapter 06). None: the standard parametrisation (SP).
+    # An integer: the base width, at which muP and SP coincide (up to the two multipliers below).
+    mup_base_width: int | None = None
+    mup_input_mult: float = 1.0  # muP: multiplies the sum of token and position embeddings
+    mup_output_mult: float = 1.0  # muP: multiplies the logits, on top of base_width / n_embd
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -42,10 +47,38 @@ class GPTConfig:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"layer_norm_epsilon={self.layer_norm_epsilon} must be positive")
+        base = self.mup_base_width
+        if base is not None and (not isinstance(base, int) or isinstance(base, bool) or base < 1):
+            raise ValueError(f"mup_base_width={base!r} must be a positive integer, or None for the "
+                             f"standard parametrisation")
+        for name in ("mup_input_mult", "mup_output_mult"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name}={value!r} must be positive")
+            if base is None and value != 1.0:
+                raise ValueError(f"{name}={value!r} is a muP multiplier: set mup_base_width too, or "
+                                 f"leave it at 1.0")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def mup(self) -> bool:
+        return self.mup_base_width is not None
+
+    @property
+    def width_mult(self) -> float:
+        """n_embd / base width under muP (how many times wider than the base); 1 under SP."""
+        return self.n_embd / self.mup_base_width if self.mup else 1.0
+
+    @property
+    def attention_scale(self) -> float:
+        """What multiplies q.k: 1/sqrt(head_dim) under SP. muP uses 1/head_dim, with the constant
+        chosen so that both agree at the base width: sqrt(base_head_dim) / head_dim."""
+        if not self.mup:
+            return 1.0 / math.sqrt(self.head_dim)
+        return math.sqrt(self.mup_base_width / self.n_head) / self.head_dim
 
 
 class MLP(nn.Module):
@@ -69,7 +102,8 @@ class Block(nn.Module):
         eps = config.layer_norm_epsilon
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
         self.attn = MultiHeadAttention(config.n_embd, config.n_head, bias=config.bias,
-                                       dropout=config.dropout, causal=True, use_sdpa=True)
+                                       dropout=config.dropout, causal=True, use_sdpa=True,
+                                       scale=config.attention_scale if config.mup else None)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -81,6 +115,13 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """GPT-2: token and position embeddings, ``n_layer`` blocks, a final LayerNorm, and a head that
     shares its weights with the token embedding.
+
+    With ``config.mup_base_width`` set, the model follows muP (Yang et al., Tensor Programs V, 2022),
+    as Cerebras-GPT did. With m = n_embd / base width: hidden matrices (everything inside the blocks)
+    start with standard deviation 0.02 / sqrt(m) and learn at lr / m (:meth:`lr_multipliers`, which
+    the ``Trainer`` applies); embeddings, biases and LayerNorms keep the base initialisation and
+    learning rate; the embeddings' sum is multiplied by ``mup_input_mult``; the logits by
+    ``mup_output_mult / m``; attention scores use 1/head_dim. At m = 1 it is the standard model.
 
     Built in: 03_gpt
     """
@@ -103,6 +144,13 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # muP: hidden matrices start smaller by 1/sqrt(width_mult), so that sums over their n_embd
+        # inputs keep the same scale at every width (scaled in place: at width_mult 1, SP exactly).
+        hidden = self.lr_multipliers()
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name in hidden:
+                    p.mul_(1.0 / math.sqrt(config.width_mult))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -130,7 +178,10 @@ class GPT(nn.Module):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got "
                              f"{idx.min().item()}..{idx.max().item()}")
         pos = torch.arange(start, start + t, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        if self.config.mup and self.config.mup_input_mult != 1.0:
+            x = x * self.config.mup_input_mult
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i], start)
             x = block(x, cache=cache)
@@ -146,10 +197,26 @@ class GPT(nn.Module):
         as in :meth:`features`.
         """
         logits = self.lm_head(self.features(idx, kv_cache))  # (B, T, vocab)
+        if self.config.mup:
+            logits = logits * (self.config.mup_output_mult / self.config.width_mult)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """Parameter name -> factor on the learning rate. Under muP the hidden matrices (the weights
+        of every Linear inside the blocks) learn at lr / width_mult, because Adam's update moves each
+        of their n_embd inputs by about lr, and a sum over n_embd such inputs would grow with width.
+        Empty under SP (every parameter learns at lr).
+
+        Built in: 06_scaling
+        """
+        if not self.config.mup:
+            return {}
+        m = 1.0 / self.config.width_mult
+        return {name: m for name, p in self.named_parameters()
+                if name.startswith("transformer.h.") and name.endswith(".weight") and p.dim() == 2}
 
     # -- accounting ----------------------------------------------------------------------------------
     def num_parameters(self, non_embedding: bool = False) -> int:
@@ -188,6 +255,9 @@ class GPT(nn.Module):
         c = self.config
         if not c.bias:
             raise ValueError("bias=False has no GPT-2 equivalent: GPT-2 has biases everywhere")
+        if c.mup:
+            raise ValueError(f"mup_base_width={c.mup_base_width}: a muP model has no GPT-2 equivalent "
+                             f"(its multipliers and attention scale differ)")
         eos = c.vocab_size - 1
         hf = GPT2LMHeadModel(GPT2Config(
             vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,

@@ -6,11 +6,12 @@ Built in: 06_scaling
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
-from minigpt.model import GPTConfig, flops_per_token
+from minigpt.model import GPT, GPTConfig, flops_per_token
 
 TOKENS_PER_PARAMETER = 20.0  # the compute-optimal ratio of Hoffmann et al. (2022), used by Cerebras-GPT
 
@@ -23,13 +24,22 @@ def training_flops_6nd(n_params: float, n_tokens: float) -> float:
     return 6.0 * n_params * n_tokens
 
 
-def training_flops(config: GPTConfig, n_tokens: float, context: int | None = None) -> float:
+def training_flops(config: GPTConfig, n_tokens: float, context: int | None = None,
+                   embedding_matmul: bool = False) -> float:
     """Training FLOPs counted from the model's matrix products (chapter 03's formula), attention and
     the output head included: ``3 x forward FLOPs per token x tokens``.
 
+    ``embedding_matmul=True`` also counts the token-embedding lookup as if it were a product of a
+    one-hot vector with the (vocab x n_embd) matrix, 2 x n_embd x vocab FLOPs per token forward, as
+    Cerebras-GPT's training table does (chapter 06 shows this reproduces it). A lookup does none of
+    that arithmetic; the convention only changes what is reported.
+
     Built in: 06_scaling
     """
-    return flops_per_token(config, context)["training"] * n_tokens
+    forward = flops_per_token(config, context)["forward"]
+    if embedding_matmul:
+        forward += 2.0 * config.n_embd * config.vocab_size
+    return 3.0 * forward * n_tokens
 
 
 def compute_optimal_tokens(n_params: float, ratio: float = TOKENS_PER_PARAMETER) -> float:
@@ -128,20 +138,111 @@ def fit_power_law(compute, loss, iterations: int = 200) -> PowerLawFit:
                        rms_residual=math.sqrt(cost / len(y)))
 
 
-# Cerebras-GPT (Dey et al. 2023, arXiv 2304.03208), standard parametrisation: training FLOPs from the
-# paper's evaluation table and Pile test loss in nats per token. Source: the book's WAFER_FACTS, sec. 3.
-CEREBRAS_GPT = {
-    # name: (n_layer, d_model, n_head, tokens, flops_eval_table, pile_loss_sp)
-    "111M": (10, 768, 12, 2.22e9, 2.6e18, 2.608),
-    "256M": (14, 1088, 17, 5.12e9, 1.3e19, 2.349),
-    "590M": (18, 1536, 12, 1.18e10, 6.1e19, 2.181),
-    "1.3B": (24, 2048, 16, 2.63e10, 2.8e20, 1.997),
-    "2.7B": (32, 2560, 20, 5.30e10, 1.1e21, 1.834),
-    "6.7B": (32, 4096, 32, 1.33e11, 6.3e21, 1.704),
-    "13B": (40, 5120, 40, 2.57e11, 2.3e22, 1.572),
-}
+@dataclass(frozen=True)
+class PublishedModel:
+    """One row of Cerebras-GPT's tables (Dey et al. 2023, arXiv 2304.03208; the standard
+    parametrisation). FLOPs as the paper reports them in its evaluation table and in its training
+    table; loss is the Pile test loss in nats per token.
+
+    Built in: 06_scaling
+    """
+
+    name: str
+    n_layer: int
+    d_model: int
+    n_head: int
+    tokens: float
+    flops_eval_table: float
+    flops_training_table: float
+    pile_loss: float
+
+    @property
+    def config(self) -> GPTConfig:
+        """The shape as a GPTConfig: GPT-2's architecture (d_ffn = 4 d_model, 50257-token vocabulary)
+        and a 2048-token context, as every Cerebras-GPT model has."""
+        return GPTConfig(n_layer=self.n_layer, n_embd=self.d_model, n_head=self.n_head, block_size=2048,
+                         vocab_size=50257)
+
+
+CEREBRAS_GPT = [PublishedModel(*row) for row in [
+    # name, layers, d_model, heads, tokens, FLOPs (eval table), FLOPs (training table), Pile loss
+    ("111M", 10, 768, 12, 2.22e9, 2.6e18, 2.5e18, 2.608),
+    ("256M", 14, 1088, 17, 5.12e9, 1.3e19, 1.1e19, 2.349),
+    ("590M", 18, 1536, 12, 1.18e10, 6.1e19, 5.3e19, 2.181),
+    ("1.3B", 24, 2048, 16, 2.63e10, 2.8e20, 2.5e20, 1.997),
+    ("2.7B", 32, 2560, 20, 5.30e10, 1.1e21, 9.8e20, 1.834),
+    ("6.7B", 32, 4096, 32, 1.33e11, 6.3e21, 5.9e21, 1.704),
+    ("13B", 40, 5120, 40, 2.57e11, 2.3e22, 2.1e22, 1.572),
+]]
 
 
 def cerebras_gpt_published_law(flops):
     """The paper's fitted law: L(f) = (f / 5.984e22)^-0.0737 + 0.5066 (nats per token on the Pile)."""
     return np.power(np.asarray(flops, dtype=float) / 5.984e22, -0.0737) + 0.5066
+
+
+# --- muP ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def activation_scales(model: GPT, idx: torch.Tensor) -> dict[str, float]:
+    """The mean absolute value of a coordinate of the embeddings' output, of each block's output and
+    of the logits, for the tokens ``idx`` (B, T): what a coordinate check watches.
+
+    Built in: 06_scaling
+    """
+    seen: dict[str, float] = {}
+
+    def keep(name):
+        return lambda module, inputs, output: seen.__setitem__(name, output.abs().mean().item())
+
+    modules = [("embedding", model.transformer.drop)]
+    modules += [(f"block {i}", block) for i, block in enumerate(model.transformer.h)]
+    hooks = [module.register_forward_hook(keep(name)) for name, module in modules]
+    try:
+        logits, _ = model(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {**seen, "logits": logits.abs().mean().item()}
+
+
+def coordinate_check(config: GPTConfig, widths, ids: torch.Tensor, steps: int = 5, lr: float = 1e-2,
+                     batch_size: int = 8, seed: int = 0) -> dict[int, list[dict[str, float]]]:
+    """The muP coordinate check: how large do activations get, after a few steps, as width grows?
+
+    For each width (``config`` with ``n_embd`` replaced; heads as in ``config``), train from the same
+    seed for ``steps`` AdamW steps at a constant learning rate ``lr`` (each parameter group at its own
+    muP factor) on random windows of ``ids``, and record before training and after each step the
+    mean absolute value of one coordinate of: the embeddings' output (``"embedding"``), each block's
+    output (``"block 0"``, ...) and the logits (``"logits"``), on a fixed batch. Under a
+    parametrisation that transfers across width these are flat in width; under the standard one
+    the logits and the residual stream grow with it.
+
+    Built in: 06_scaling
+    """
+    from minigpt.train import TokenWindows, parameter_groups
+
+    widths = list(widths)
+    if not widths or any(not isinstance(w, int) or w < 1 or w % config.n_head for w in widths):
+        raise ValueError(f"widths={widths} must be positive multiples of n_head={config.n_head}")
+    if steps < 1 or lr <= 0:
+        raise ValueError(f"steps={steps} must be at least 1 and lr={lr} positive")
+    windows = TokenWindows(ids, config.block_size, "the coordinate check's data")
+    probe = windows.batch(batch_size, torch.Generator().manual_seed(seed + 1), "cpu")[0]
+    out = {}
+    for width in widths:
+        torch.manual_seed(seed)
+        model = GPT(replace(config, n_embd=width, dropout=0.0))
+        optimizer = torch.optim.AdamW(parameter_groups(model, 0.0), lr=lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        records = [activation_scales(model, probe)]
+        data = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            x, y = windows.batch(batch_size, data, "cpu")
+            model(x, y)[1].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            records.append(activation_scales(model, probe))
+        out[width] = records
+    return out

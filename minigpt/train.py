@@ -110,7 +110,9 @@ def tokenizer_to_dict(tokenizer) -> dict:
     return {"kind": kind, "text": tokenizer.to_text()}
 
 
-def tokenizer_from_dict(d: dict):
+def tokenizer_from_dict(d: dict | None):
+    if d is None:  # trained on ids without a tokenizer
+        return None
     cls = CharTokenizer if d["kind"] == "char" else BPETokenizer
     return cls.from_text(d["text"], "the checkpoint's tokenizer")
 
@@ -129,7 +131,7 @@ def load_checkpoint(path: str | Path, device="cpu") -> dict:
 
 
 def model_from_checkpoint(path: str | Path, device="cpu") -> tuple[GPT, object]:
-    """The trained model (in eval mode) and its tokenizer.
+    """The trained model (in eval mode) and its tokenizer (None if it was trained without one).
 
     Built in: 04_pretraining
     """
@@ -155,6 +157,25 @@ def measure_matmul_peak(device: torch.device, dtype=torch.float32, n: int = 1024
         if device.type == "cuda":
             torch.cuda.synchronize()
     return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups: weight decay on matrices and embeddings only (not on biases and
+    LayerNorm gains), and each group's factor on the scheduled learning rate (``lr_scale``): 1 except
+    for the hidden matrices of a muP model (:meth:`minigpt.model.GPT.lr_multipliers`). Parameters
+    with ``requires_grad=False`` are left out.
+
+    Built in: 04_pretraining
+    """
+    scales = model.lr_multipliers() if hasattr(model, "lr_multipliers") else {}
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = (weight_decay if p.dim() >= 2 else 0.0, scales.get(name, 1.0))
+            groups.setdefault(key, []).append(p)
+    if not groups:
+        raise ValueError("the model has no trainable parameters (everything has requires_grad=False)")
+    return [{"params": ps, "weight_decay": decay, "lr_scale": scale} for (decay, scale), ps in groups.items()]
 
 
 def _as_batches(data, block_size: int, name: str):
@@ -187,15 +208,8 @@ class Trainer:
         self.val_data = _as_batches(val_ids, block, "the validation split")
         self.tokenizer = tokenizer
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the model has no trainable parameters (everything has requires_grad=False)")
-        decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings
-        no_decay = [p for p in params if p.dim() < 2]  # biases and LayerNorm gains
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr, betas=(config.beta1, config.beta2),
+            parameter_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2),
             fused=self.device.type == "cuda")
         self.use_bf16 = (config.bf16 == "on" or (config.bf16 == "auto" and self.device.type == "cuda"
                                                  and torch.cuda.is_bf16_supported()))
@@ -214,7 +228,7 @@ class Trainer:
     def train_step(self) -> float:
         c = self.config
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.step, c)
+            group["lr"] = learning_rate(self.step, c) * group.get("lr_scale", 1.0)
         self.model.train()
         total = 0.0
         for _ in range(c.grad_accum):
