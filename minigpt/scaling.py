@@ -220,7 +220,7 @@ def coordinate_check(config: GPTConfig, widths, ids: torch.Tensor, steps: int = 
 
     Built in: 06_scaling
     """
-    from minigpt.train import TokenWindows, parameter_groups
+    from minigpt.train import TokenWindows, parameter_groups, set_learning_rate
 
     widths = list(widths)
     if not widths or any(not isinstance(w, int) or w < 1 or w % config.n_head for w in widths):
@@ -234,8 +234,7 @@ def coordinate_check(config: GPTConfig, widths, ids: torch.Tensor, steps: int = 
         torch.manual_seed(seed)
         model = GPT(replace(config, n_embd=width, dropout=0.0))
         optimizer = torch.optim.AdamW(parameter_groups(model, 0.0), lr=lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+        set_learning_rate(optimizer, lr)
         records = [activation_scales(model, probe)]
         data = torch.Generator().manual_seed(seed)
         for _ in range(steps):

@@ -178,6 +178,12 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": ps, "weight_decay": decay, "lr_scale": scale} for (decay, scale), ps in groups.items()]
 
 
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set each parameter group to ``lr`` times its ``lr_scale`` (see :func:`parameter_groups`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def _as_batches(data, block_size: int, name: str):
     """A 1-D tensor of token ids becomes random windows; anything with a ``batch(batch_size, generator,
     device)`` method (such as :class:`minigpt.finetune.Examples`) is used as it is."""
@@ -227,8 +233,7 @@ class Trainer:
 
     def train_step(self) -> float:
         c = self.config
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.step, c) * group.get("lr_scale", 1.0)
+        set_learning_rate(self.optimizer, learning_rate(self.step, c))
         self.model.train()
         total = 0.0
         for _ in range(c.grad_accum):
