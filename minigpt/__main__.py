@@ -14,6 +14,7 @@ from pathlib import Path
 
 EXAMPLES = """examples:
   python -m minigpt train --data stories --tokenizer char --out runs/stories
+  torchrun --nproc_per_node=2 -m minigpt train --data stories --batch-size 6 --out runs/stories-ddp
   python -m minigpt train --data input.txt --tokenizer char --n-layer 4 --n-head 4 --n-embd 128 \\
       --block-size 64 --batch-size 12 --max-steps 2000 --lr 1e-3 --min-lr 1e-4 --out runs/shakespeare
   python -m minigpt train --resume runs/shakespeare --max-steps 4000
@@ -49,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="biases in Linear layers and LayerNorms (GPT-2 has them; nanoGPT's recipes not)")
     opt = t.add_argument_group("optimisation")
     opt.add_argument("--max-steps", type=int, default=2000)
-    opt.add_argument("--batch-size", type=int, default=12)
+    opt.add_argument("--steps", type=int, default=None,
+                     help="stop after this many steps in this run (the schedule still ends at --max-steps; "
+                          "go on later with --resume)")
+    opt.add_argument("--batch-size", type=int, default=12,
+                     help="windows per micro-batch per process (the global batch is this x grad-accum x "
+                          "processes)")
     opt.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     opt.add_argument("--lr", type=float, default=1e-3)
     opt.add_argument("--min-lr", type=float, default=1e-4)
@@ -92,8 +98,21 @@ def load_corpus(args) -> str:
 
 
 def cmd_train(args) -> None:
+    """Train, in one process or, under torchrun, in each of several (data parallel)."""
+    from minigpt import distributed
+
+    distributed.start(args.device)
+    try:
+        _train(args)
+    finally:
+        distributed.stop()
+
+
+def _train(args) -> None:
     import torch
 
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps={args.steps} must be at least 1")
     from minigpt.data import train_val_split
     from minigpt.model import GPT, GPTConfig
     from minigpt.tokenizer import BPETokenizer, CharTokenizer
@@ -116,6 +135,7 @@ def cmd_train(args) -> None:
         tokenizer = BPETokenizer.train(train_text, args.vocab_size)
     train_ids = torch.tensor(tokenizer.encode(train_text, **_allow(tokenizer)))
     val_ids = torch.tensor(tokenizer.encode(val_text, **_allow(tokenizer)))
+    torch.manual_seed(args.seed)  # the initial weights depend on --seed alone
     model = GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                           block_size=args.block_size, vocab_size=tokenizer.vocab_size, dropout=args.dropout,
                           bias=args.bias))
@@ -125,15 +145,19 @@ def cmd_train(args) -> None:
     trainer = Trainer(model, train_ids, val_ids, config, tokenizer=tokenizer, out_dir=out)
     if ckpt is not None:
         trainer.load(args.resume)
-    print(f"training {model.num_parameters():,} parameters on {len(train_ids):,} tokens "
-          f"({trainer.device}); checkpoints in {out}", file=sys.stderr)
+    if trainer.rank == 0:
+        processes = f" x {trainer.world_size} processes" if trainer.world_size > 1 else ""
+        print(f"training {model.num_parameters():,} parameters on {len(train_ids):,} tokens "
+              f"({trainer.device}{processes}, {trainer.global_batch} windows a step); checkpoints in {out}",
+              file=sys.stderr)
     try:
-        history = trainer.train()
+        history = trainer.train(args.steps)
     except KeyboardInterrupt:
         print(f"interrupted at step {trainer.step}; checkpoint saved in {out}", file=sys.stderr)
         raise SystemExit(130) from None
     last = history[-1]
-    print(f"step {last['step']}: train loss {last['train']:.4f}, val loss {last['val']:.4f}")
+    if trainer.rank == 0:
+        print(f"step {last['step']}: train loss {last['train']:.4f}, val loss {last['val']:.4f}")
 
 
 def _allow(tokenizer) -> dict:

@@ -6,6 +6,7 @@ Built in: 04_pretraining
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from minigpt.distributed import mean_over_ranks, rank_and_world
 from minigpt.files import atomic_write, load_tensors
 from minigpt.model import GPT, GPTConfig, flops_per_token
 from minigpt.tokenizer import BPETokenizer, CharTokenizer
@@ -88,17 +90,27 @@ class TokenWindows:
                              f"use more text or a smaller block size")
         self.ids, self.block_size = ids.long(), block_size
 
-    def batch(self, batch_size: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(len(self.ids) - self.block_size, (batch_size,), generator=generator)
+    def batch(self, batch_size: int, generator: torch.Generator, device,
+              shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch_size`` windows. With ``shard=(rank, world)``, the generator draws ``world x
+        batch_size`` window starts (the global batch, the same in every process) and only rows
+        ``rank x batch_size`` to ``(rank + 1) x batch_size`` are read."""
+        rank, world = shard
+        starts = torch.randint(len(self.ids) - self.block_size, (batch_size * world,), generator=generator)
+        starts = starts[rank * batch_size : (rank + 1) * batch_size]
         offsets = torch.arange(self.block_size + 1)
         windows = self.ids[starts[:, None] + offsets]  # (B, T + 1)
         return windows[:, :-1].to(device), windows[:, 1:].to(device)
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA, else Apple's MPS, else the CPU. Under a process group, CUDA means the GPU that
+    :func:`minigpt.distributed.start` chose for this process."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device: use 'cpu' or 'auto'")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device())
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -207,6 +219,7 @@ class Trainer:
     def __init__(self, model: GPT, train_ids: torch.Tensor, val_ids: torch.Tensor, config: TrainConfig,
                  tokenizer=None, out_dir: str | Path | None = None):
         self.config = config
+        self.rank, self.world_size = rank_and_world()
         self.device = pick_device(config.device)
         self.model = model.to(self.device)
         block = model.config.block_size
@@ -220,28 +233,59 @@ class Trainer:
         self.use_bf16 = (config.bf16 == "on" or (config.bf16 == "auto" and self.device.type == "cuda"
                                                  and torch.cuda.is_bf16_supported()))
         self.step = 0
-        self.tokens = 0  # input tokens processed by this object (for tokens/s)
+        self.tokens = 0  # input tokens processed by all processes together (for tokens/s)
         self.history: list[dict] = []
         torch.manual_seed(config.seed)
         self.data_generator = torch.Generator().manual_seed(config.seed)
-        self.forward = torch.compile(self.model) if config.compile else self.model
+        # Under a process group, DistributedDataParallel starts every copy from rank 0's weights and,
+        # during backward, averages the gradients across processes in buckets as they become ready.
+        self.parallel = self.model
+        if self.world_size > 1:
+            self.parallel = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.forward = torch.compile(self.parallel) if config.compile else self.parallel
+
+    @property
+    def global_batch(self) -> int:
+        """Windows per optimizer step, all processes together: batch_size x grad_accum x processes."""
+        return self.config.batch_size * self.config.grad_accum * self.world_size
 
     # -- one step ------------------------------------------------------------------------------------
+    def _batch(self, data, batch_size: int, generator: torch.Generator):
+        """This process's share of a global batch of ``batch_size x world_size`` windows."""
+        if self.world_size == 1:
+            return data.batch(batch_size, generator, self.device)
+        if isinstance(data, TokenWindows):
+            return data.batch(batch_size, generator, self.device, shard=(self.rank, self.world_size))
+        rows = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
+        return tuple(t[rows] for t in data.batch(batch_size * self.world_size, generator, self.device))
+
     def _loss(self, x, y) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             return self.forward(x, y)[1]
 
+    def accumulate_gradients(self) -> float:
+        """Forward and backward over ``grad_accum`` micro-batches; afterwards each parameter's
+        ``.grad`` is the gradient of the mean loss over the global batch (averaged across processes).
+        Returns this process's mean loss."""
+        c = self.config
+        self.model.train()
+        total = 0.0
+        for micro in range(c.grad_accum):
+            x, y = self._batch(self.train_data, c.batch_size, self.data_generator)
+            self.tokens += x.numel() * self.world_size
+            # all-reduce once per step: skip the gradient sync on every micro-batch but the last
+            last = micro == c.grad_accum - 1
+            with contextlib.nullcontext() if last or self.world_size == 1 else self.parallel.no_sync():
+                loss = self._loss(x, y) / c.grad_accum
+                loss.backward()
+            total += loss.item()
+        return total
+
     def train_step(self) -> float:
         c = self.config
         set_learning_rate(self.optimizer, learning_rate(self.step, c))
-        self.model.train()
-        total = 0.0
-        for _ in range(c.grad_accum):
-            x, y = self.train_data.batch(c.batch_size, self.data_generator, self.device)
-            self.tokens += x.numel()
-            loss = self._loss(x, y) / c.grad_accum
-            loss.backward()
-            total += loss.item()
+        total = self.accumulate_gradients()
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.optimizer.step()
@@ -252,14 +296,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss over ``eval_batches`` windows of each split, drawn by a fixed-seed generator so
-        that every evaluation sees the same windows and training's random stream is untouched."""
+        that every evaluation sees the same windows and training's random stream is untouched.
+        Under a process group each process evaluates its share and the means are averaged."""
         self.model.eval()
         out = {}
         for name, data in (("train", self.train_data), ("val", self.val_data)):
             g = torch.Generator().manual_seed(self.config.seed + 1)
-            losses = [self._loss(*data.batch(self.config.batch_size, g, self.device)).item()
+            losses = [self._loss(*self._batch(data, self.config.batch_size, g)).item()
                       for _ in range(self.config.eval_batches)]
-            out[name] = sum(losses) / len(losses)
+            out[name] = mean_over_ranks(sum(losses) / len(losses))
         self.model.train()
         return out
 
@@ -273,7 +318,8 @@ class Trainer:
         end = c.max_steps if steps is None else min(c.max_steps, self.step + steps)
         # at most one redraw a second: a notebook receives every redraw as a message, and a flood of
         # them can crowd out the kernel's other messages
-        bar = tqdm(total=end, initial=self.step, disable=not c.progress, desc="training", unit="step",
+        bar = tqdm(total=end, initial=self.step, disable=not c.progress or self.rank != 0, desc="training",
+                   unit="step",
                    mininterval=1.0)
         running, start, start_tokens = None, time.perf_counter(), self.tokens
         try:
@@ -285,7 +331,7 @@ class Trainer:
                                 refresh=False)
                 if self.step % c.eval_interval == 0 or self.step == end:
                     elapsed = time.perf_counter() - start
-                    record = {"step": self.step, "loss": loss, **self.evaluate(),
+                    record = {"step": self.step, "loss": mean_over_ranks(loss), **self.evaluate(),
                               "lr": learning_rate(self.step - 1, c),
                               "tokens_per_s": (self.tokens - start_tokens) / elapsed}
                     self.history.append(record)
@@ -311,6 +357,7 @@ class Trainer:
             "step": self.step,
             "model_config": asdict(self.model.config),
             "train_config": asdict(self.config),
+            "world_size": self.world_size,  # the global batch was batch_size x grad_accum x world_size
             "rng": {"torch": torch.get_rng_state(), "data": self.data_generator.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "tokenizer": tokenizer_to_dict(self.tokenizer) if self.tokenizer is not None else None,
@@ -319,12 +366,15 @@ class Trainer:
 
     def save(self, out_dir: str | Path | None = None) -> Path:
         """Write checkpoint.pt and history.json into ``out_dir`` atomically; return the checkpoint's path.
+        Under a process group only rank 0 writes: every process holds the same state.
 
         Built in: 04_pretraining
         """
         out = Path(out_dir) if out_dir is not None else self.out_dir
         if out is None:
             raise ValueError("no out_dir: pass one to save() or to the Trainer")
+        if self.rank != 0:
+            return out / CHECKPOINT
         buf = io.BytesIO()
         torch.save(self.state(), buf)
         atomic_write(out / CHECKPOINT, buf.getvalue())
