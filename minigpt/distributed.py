@@ -11,11 +11,15 @@ Built in: 07_data_parallel
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -154,7 +158,7 @@ class LinkModel:
 
     @classmethod
     def fit(cls, sizes, seconds) -> LinkModel:
-        """alpha and beta from one-way message times (seconds against bytes), fitted by least squares
+        """alpha and beta from message times (seconds against bytes), fitted by least squares
         on relative errors, so that the small messages (which fix alpha) count as much as the large
         ones (which fix beta)."""
         sizes, seconds = np.asarray(sizes, float), np.asarray(seconds, float)
@@ -187,50 +191,48 @@ def _ping_pong(buf: torch.Tensor, rank: int) -> None:
         dist.send(buf, 0)
 
 
-def time_messages(sizes: list[int], repeats: int = 10) -> list[float]:
-    """One-way message times between ranks 0 and 1 (half a measured ping-pong), per size in bytes.
-    Every process of the group must call it; ranks other than 0 and 1 wait."""
-    rank, world = rank_and_world()
-    if world < 2:
-        raise ValueError("time_messages needs a process group of two or more (start it with torchrun)")
+def _exchange(send: torch.Tensor, recv: torch.Tensor, rank: int) -> None:
+    if rank in (0, 1):
+        for request in [dist.isend(send, 1 - rank), dist.irecv(recv, 1 - rank)]:
+            request.wait()
+
+
+def _time_sizes(op, sizes: list[int], repeats: int, buffers: int = 1) -> list[float]:
+    """For each size in bytes: ``op`` on ``buffers`` float32 tensors of that size, once to warm up,
+    then the median over ``repeats`` timed calls."""
     out = []
     for size in sizes:
-        buf = torch.zeros(max(1, size // 4), dtype=torch.float32)
-        _ping_pong(buf, rank)  # warm the connection
-        out.append(_median_time(lambda b=buf: _ping_pong(b, rank), repeats) / 2)
+        call = functools.partial(op, *(torch.zeros(max(1, size // 4)) for _ in range(buffers)))
+        call()
+        out.append(_median_time(call, repeats))
     return out
 
 
-def _exchange(send: torch.Tensor, recv: torch.Tensor, rank: int) -> None:
-    if rank in (0, 1):
-        reqs = [dist.isend(send, 1 - rank), dist.irecv(recv, 1 - rank)]
-        for r in reqs:
-            r.wait()
+def _rank_of_a_pair(what: str) -> int:
+    rank, world = rank_and_world()
+    if world < 2:
+        raise ValueError(f"{what} needs a process group of two or more (start it with torchrun)")
+    return rank
+
+
+def time_messages(sizes: list[int], repeats: int = 10) -> list[float]:
+    """One-way message times between ranks 0 and 1 (half a measured ping-pong), per size in bytes.
+    Every process of the group must call it; ranks other than 0 and 1 wait."""
+    rank = _rank_of_a_pair("time_messages")
+    return [t / 2 for t in _time_sizes(functools.partial(_ping_pong, rank=rank), sizes, repeats)]
 
 
 def time_exchanges(sizes: list[int], repeats: int = 10) -> list[float]:
     """Times for ranks 0 and 1 to send each other ``size`` bytes at the same time: one step of a ring
     with two ranks, where every link carries traffic both ways at once."""
-    rank, world = rank_and_world()
-    if world < 2:
-        raise ValueError("time_exchanges needs a process group of two or more (start it with torchrun)")
-    out = []
-    for size in sizes:
-        send, recv = (torch.zeros(max(1, size // 4), dtype=torch.float32) for _ in range(2))
-        _exchange(send, recv, rank)
-        out.append(_median_time(lambda s=send, r=recv: _exchange(s, r, rank), repeats))
-    return out
+    rank = _rank_of_a_pair("time_exchanges")
+    return _time_sizes(functools.partial(_exchange, rank=rank), sizes, repeats, buffers=2)
 
 
 def time_allreduce(sizes: list[int], repeats: int = 10) -> list[float]:
     """All-reduce (sum) times of float32 tensors of each size in bytes, median over ``repeats``.
     Every process of the group must call it."""
-    out = []
-    for size in sizes:
-        buf = torch.zeros(max(1, size // 4), dtype=torch.float32)
-        dist.all_reduce(buf)
-        out.append(_median_time(lambda b=buf: dist.all_reduce(b), repeats))
-    return out
+    return _time_sizes(dist.all_reduce, sizes, repeats)
 
 
 def measure(sizes: list[int], nproc: int = 2, repeats: int = 10, timeout: float = 300) -> dict:
@@ -241,10 +243,6 @@ def measure(sizes: list[int], nproc: int = 2, repeats: int = 10, timeout: float 
 
     Built in: 07_data_parallel
     """
-    import json
-    import tempfile
-    from pathlib import Path
-
     if nproc < 2:
         raise ValueError(f"nproc={nproc}: measuring messages takes at least 2 processes")
     if not sizes or min(sizes) < 4:
@@ -259,9 +257,6 @@ def measure(sizes: list[int], nproc: int = 2, repeats: int = 10, timeout: float 
 
 
 def _measure_main(out: str, repeats: str, *sizes: str) -> None:
-    import json
-    from pathlib import Path
-
     start("cpu")
     try:
         sizes_, n = [int(s) for s in sizes], int(repeats)

@@ -253,8 +253,6 @@ class Trainer:
     # -- one step ------------------------------------------------------------------------------------
     def _batch(self, data, batch_size: int, generator: torch.Generator):
         """This process's share of a global batch of ``batch_size x world_size`` windows."""
-        if self.world_size == 1:
-            return data.batch(batch_size, generator, self.device)
         if isinstance(data, TokenWindows):
             return data.batch(batch_size, generator, self.device, shard=(self.rank, self.world_size))
         rows = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
@@ -319,8 +317,7 @@ class Trainer:
         # at most one redraw a second: a notebook receives every redraw as a message, and a flood of
         # them can crowd out the kernel's other messages
         bar = tqdm(total=end, initial=self.step, disable=not c.progress or self.rank != 0, desc="training",
-                   unit="step",
-                   mininterval=1.0)
+                   unit="step", mininterval=1.0)
         running, start, start_tokens = None, time.perf_counter(), self.tokens
         try:
             while self.step < end:

@@ -1,8 +1,8 @@
 """Data parallelism: DDP gradients equal one process's on the same global batch; a failing rank ends
 the job; checkpoints move between one process and several; the ring all-reduce and its cost model."""
 
+import json
 import math
-import sys
 
 import pytest
 import torch
@@ -15,11 +15,9 @@ from minigpt.distributed import LinkModel, ring_allreduce, ring_bytes_per_rank, 
 WORKER = str(ROOT / "tests" / "helpers" / "ddp_worker.py")
 
 
-def single(*args, timeout=60):
-    import subprocess
-
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+def single(*args):
+    """One process, started the same way as the two (torchrun with one process runs without a group)."""
+    return torchrun(1, *args, timeout=90, cwd=ROOT)
 
 
 @pytest.mark.parametrize("per_rank, accum", [(4, 1), (2, 2)])
@@ -59,8 +57,6 @@ def cli_train(*args):
 
 
 def history(path):
-    import json
-
     return json.loads((path / "history.json").read_text())
 
 
