@@ -101,11 +101,8 @@ def cmd_train(args) -> None:
     """Train, in one process or, under torchrun, in each of several (data parallel)."""
     from minigpt import distributed
 
-    distributed.start(args.device)
-    try:
+    with distributed.session(args.device):
         _train(args)
-    finally:
-        distributed.stop()
 
 
 def _train(args) -> None:

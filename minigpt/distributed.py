@@ -11,6 +11,7 @@ Built in: 07_data_parallel
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -63,6 +64,28 @@ def stop() -> None:
     """Leave the process group, if there is one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device: str = "auto"):
+    """``with session(): ...`` runs the block in the process group torchrun describes (see
+    :func:`start`; without torchrun, in one process) and yields (rank, world size). If the block
+    finishes, every process waits for the others before leaving: a process that tears its
+    connections down while a peer is still using them can abort that peer. If it raises, the process
+    leaves at once (the others may be stuck in a collective and would never arrive), and torchrun
+    stops them.
+
+    Built in: 07_data_parallel
+    """
+    ranks = start(device)
+    try:
+        yield ranks
+    except BaseException:
+        stop()
+        raise
+    if ranks[1] > 1:
+        dist.barrier()
+    stop()
 
 
 def torchrun(nproc: int, *args: str, timeout: float | None = None, threads: int = 1,
@@ -257,15 +280,12 @@ def measure(sizes: list[int], nproc: int = 2, repeats: int = 10, timeout: float 
 
 
 def _measure_main(out: str, repeats: str, *sizes: str) -> None:
-    start("cpu")
-    try:
+    with session("cpu") as (rank, world):
         sizes_, n = [int(s) for s in sizes], int(repeats)
-        result = {"sizes": sizes_, "world": rank_and_world()[1], "message": time_messages(sizes_, n),
+        result = {"sizes": sizes_, "world": world, "message": time_messages(sizes_, n),
                   "exchange": time_exchanges(sizes_, n), "allreduce": time_allreduce(sizes_, n)}
-        if rank_and_world()[0] == 0:
+        if rank == 0:
             Path(out).write_text(json.dumps(result))
-    finally:
-        stop()
 
 
 if __name__ == "__main__":

@@ -27,8 +27,7 @@ def trainer(batch_size: int, grad_accum: int) -> Trainer:
 
 
 def main(mode: str, *args: str) -> None:
-    rank, world = distributed.start("cpu")
-    try:
+    with distributed.session("cpu") as (rank, world):
         if mode == "grads":
             out, batch, accum = args[0], int(args[1]), int(args[2])
             t = trainer(batch, accum)
@@ -47,8 +46,6 @@ def main(mode: str, *args: str) -> None:
             t.train(steps=100)  # rank 0 waits in the next all-reduce until torchrun stops it
         else:
             raise SystemExit(f"unknown mode {mode!r}")
-    finally:
-        distributed.stop()
 
 
 if __name__ == "__main__":
