@@ -113,12 +113,21 @@ def run_cli(*args, **kw):
                           cwd=ROOT, timeout=120, **kw)
 
 
+def like_a_terminal():
+    # A child inherits ignored and blocked signals. Under some parents (a shell's background job, a
+    # test runner that has started kernels) SIGINT is one of them, and then Ctrl-C never reaches the
+    # program: start it as a terminal would, with SIGINT delivered and handled by default.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_leaves_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "minigpt", "train", "--data", "stories", "--stories",
                              "300", "--n-layer", "1", "--n-embd", "32", "--block-size", "32",
                              "--max-steps", "100000", "--checkpoint-interval", "0", "--no-progress",
-                             "--out", str(out)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                             "--out", str(out)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=like_a_terminal)
     try:
         assert "training" in proc.stderr.readline()  # the loop is about to start
         time.sleep(3)
