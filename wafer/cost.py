@@ -1,0 +1,192 @@
+"""The analytic model: cycles and seconds from a few constants, checked against the mesh simulator.
+
+Assumptions, each one a choice the simulator shares (so that the simulator checks the arithmetic)
+and that the real machine may not:
+
+- A transfer of k wavelets over h hops through s software stages takes
+  ``h * hop_cycles + s * stage_cycles + k - 1`` cycles: the first wavelet pays the latency, the rest
+  follow one per cycle (alpha-beta, with beta = one wavelet per cycle per link).
+- A PE's product takes ``fmacs / fmacs_per_cycle`` cycles: the FMAC unit runs at its peak whenever
+  it has work (no instruction overhead, no memory stalls).
+- The phases of an algorithm do not overlap (communication, then compute): the time is their sum.
+  ``bounds`` gives both ends for any pair: perfect overlap (the max, a lower bound) and none (the sum).
+- A PE's ramp (router to PE) takes one wavelet per cycle, so two streams into one PE share it.
+
+Built in: 08_wafer (roofline, memory), 09_mesh (collectives)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from wafer.collectives import tree_chains
+from wafer.hardware import GPU, Wafer, dtype_bytes
+
+WAVELET_BYTES = 4
+
+# --- the roofline and bounds ---------------------------------------------------------------------------
+
+
+def bounds(compute_s: float, comm_s: float) -> tuple[float, float]:
+    """(perfect overlap, no overlap) = (max, sum): the lower and upper bounds on a step's time."""
+    return max(compute_s, comm_s), compute_s + comm_s
+
+
+def roofline(flops: float, bytes_moved: float, peak_flops: float, bytes_per_s: float) -> dict:
+    """Time for ``flops`` that must move ``bytes_moved``: the larger of the compute and memory times
+    (perfect overlap). Returns both times, the bound, and which one limits.
+
+    Built in: 08_wafer
+    """
+    if flops < 0 or bytes_moved < 0:
+        raise ValueError(f"flops={flops} and bytes_moved={bytes_moved} must be >= 0")
+    t_compute, t_memory = flops / peak_flops, bytes_moved / bytes_per_s
+    return {"compute_s": t_compute, "memory_s": t_memory, "seconds": max(t_compute, t_memory),
+            "intensity": flops / bytes_moved if bytes_moved else math.inf,
+            "limit": "compute" if t_compute >= t_memory else "memory"}
+
+
+def gemv_roofline_gpu(m: int, n: int, gpu: GPU, dtype: str = "bf16") -> dict:
+    """y = A x on a GPU: A is read once from HBM (2mn FLOPs over mn elements)."""
+    bytes_moved = (m * n + m + n) * dtype_bytes(dtype)
+    return roofline(2.0 * m * n, bytes_moved, gpu.peak_flops(dtype), gpu.hbm_bytes_per_s)
+
+
+# --- memory -------------------------------------------------------------------------------------------------
+
+
+def check_fits(bytes_per_pe: float, wafer: Wafer, what: str = "the data") -> None:
+    """Raise if ``bytes_per_pe`` exceeds a PE's SRAM, saying by how much."""
+    if bytes_per_pe > wafer.sram_bytes_per_pe:
+        raise ValueError(f"{what} needs {bytes_per_pe:,.0f} bytes per PE, over the "
+                         f"{wafer.sram_bytes_per_pe:,} "
+                         f"bytes of a {wafer.name} PE (by {bytes_per_pe - wafer.sram_bytes_per_pe:,.0f})")
+
+
+# --- transfers and collectives (cycles) -------------------------------------------------------------
+
+
+def wavelets(elems: int, dtype: str = "fp32") -> int:
+    """Wavelets (32 bits each) that carry ``elems`` values of ``dtype``."""
+    return math.ceil(elems * dtype_bytes(dtype) / WAVELET_BYTES)
+
+
+def compute_cycles(fmacs: float, wafer: Wafer, dtype: str = "fp32") -> int:
+    return math.ceil(fmacs / wafer.fmacs_per_cycle(dtype))
+
+
+def transfer_cycles(wafer: Wafer, hops: int, count: int, stages: int = 0) -> int:
+    """k = ``count`` wavelets over ``hops`` hops and ``stages`` software stages.
+
+    Built in: 09_mesh
+    """
+    if count < 1:
+        return 0
+    return hops * wafer.hop_cycles + stages * wafer.stage_cycles + count - 1
+
+
+def broadcast_cycles(wafer: Wafer, hops: int, count: int) -> int:
+    """A multicast reaches a PE ``hops`` away: no stages, the routers copy as wavelets pass."""
+    return transfer_cycles(wafer, hops, count)
+
+
+def reduce_cycles(wafer: Wafer, n: int, count: int, levels: int = 1) -> int:
+    """A sum of ``count`` wavelets per PE over a line of ``n`` PEs toward its first, by the chains of
+    :func:`wafer.collectives.tree_chains`. Along a chain the first wavelet pays a hop per PE of
+    distance and a stage per PE it passes through; the rest follow one per cycle. A PE that heads a
+    chain joins the next level when its own sum is complete. One chain: (n - 1)(hop + stage) + k - 1.
+
+    Built in: 09_mesh
+    """
+    if n <= 1 or count < 1:
+        return 0
+    hop, stage = wafer.hop_cycles, wafer.stage_cycles
+    ready = [0] * n  # when each position's partial sum is complete
+    for chains in tree_chains(n, levels):
+        for chain in chains:
+            out = ready[chain[-1]]  # the tail sends as soon as its sum is complete
+            for j in range(len(chain) - 2, 0, -1):
+                out = max(out + (chain[j + 1] - chain[j]) * hop, ready[chain[j]]) + stage
+            arrive = out + (chain[1] - chain[0]) * hop
+            ready[chain[0]] = max(arrive, ready[chain[0]]) + count - 1 + stage
+    return ready[0]
+
+
+def allreduce_cycles(wafer: Wafer, n: int, count: int, levels: int = 1) -> int:
+    """A reduce toward the first PE, then its broadcast back over n - 1 hops."""
+    return reduce_cycles(wafer, n, count, levels) + broadcast_cycles(wafer, n - 1, count)
+
+
+def gemv_cycles(wafer: Wafer, m: int, n: int, grid: tuple[int, int], levels: int = 1,
+                dtype: str = "fp32") -> dict:
+    """y = A x (A is m x n) on a P x Q grid, as :func:`wafer.collectives.gemv` runs it: x down the
+    columns, the local product, the sum along each row. Returns each phase and the total, in cycles.
+
+    Built in: 09_mesh
+    """
+    p, q = grid
+    if p < 1 or q < 1 or m < 1 or n < 1:
+        raise ValueError(f"grid {grid} and shape ({m}, {n}) must be positive")
+    bm, bn = math.ceil(m / p), math.ceil(n / q)
+    phases = {"broadcast": broadcast_cycles(wafer, p - 1, wavelets(bn, dtype)) if p > 1 else 0,
+              "compute": compute_cycles(bm * bn, wafer, dtype),
+              "reduce": reduce_cycles(wafer, q, wavelets(bm, dtype), levels) if q > 1 else 0}
+    phases["total"] = sum(phases.values())
+    phases["bytes_per_pe"] = (bm * bn + bn + bm) * dtype_bytes(dtype)
+    return phases
+
+
+def gemm_cycles(wafer: Wafer, m: int, k: int, n: int, grid: int, method: str = "summa", dtype: str = "fp32",
+                ) -> dict:
+    """C = A B (m x k times k x n) on a P x P grid, as :func:`wafer.collectives.gemm` runs it.
+
+    SUMMA, step s: blocks of A and B multicast from column and row s (the farthest PE max(s, P-1-s)
+    hops away), both streams sharing each PE's ramp, then the block product. Cannon: P products and
+    P - 1 shifts of both blocks, whose longest path is the wrap-around, P - 1 hops (2 on the
+    interleaved ring).
+
+    Built in: 09_mesh
+    """
+    P = grid
+    bm, bk, bn = math.ceil(m / P), math.ceil(k / P), math.ceil(n / P)
+    a, b = wavelets(bm * bk, dtype), wavelets(bk * bn, dtype)
+    step_compute = compute_cycles(bm * bk * bn, wafer, dtype)
+    if method == "summa":
+        comm = sum(transfer_cycles(wafer, max(s, P - 1 - s), a + b) for s in range(P)) if P > 1 else 0
+        out = {"communicate": comm, "compute": P * step_compute, "total": comm + P * step_compute}
+    elif method in ("cannon", "interleave"):
+        from wafer.collectives import interleaved_ring
+
+        ring = interleaved_ring(P) if method == "interleave" else list(range(P))
+        hops = max(abs(ring[j] - ring[j - 1]) for j in range(P)) if P > 1 else 0
+        lockstep = P * step_compute + (P - 1) * transfer_cycles(wafer, hops, a + b)
+        out = {"communicate": lockstep - P * step_compute, "compute": P * step_compute,
+               "lockstep": lockstep, "total": _cannon_dataflow(wafer, ring, a, b, step_compute)}
+    else:
+        raise ValueError(f"method={method!r} is not one of ('summa', 'cannon', 'interleave')")
+    out["bytes_per_pe"] = (2 * bm * bk + 2 * bk * bn + bm * bn) * dtype_bytes(dtype)
+    return out
+
+
+def _cannon_dataflow(wafer: Wafer, ring: list[int], a: int, b: int, compute: int) -> int:
+    """Cannon without a barrier: each PE starts a step as soon as its own previous step is done and
+    both incoming blocks have arrived, so the long wrap-around hop delays only the PEs that wait on it.
+    T[i, j] = when the PE at logical row i, column j finishes its current step. Its A block comes
+    from (i, j + 1) and its B block from (i + 1, j), which send A then B through their ramps; the two
+    streams share the receiver's ramp (one wavelet per cycle)."""
+    P = len(ring)
+    hop = wafer.hop_cycles
+    dist = np.array([abs(ring[(j + 1) % P] - ring[j]) for j in range(P)])  # from j + 1 to j
+    T = np.full((P, P), compute, dtype=np.int64)
+    for _ in range(P - 1):
+        arr_a = np.roll(T, -1, axis=1) + dist[None, :] * hop
+        arr_b = np.roll(T, -1, axis=0) + a + dist[:, None] * hop
+        ramp = np.maximum.reduce([arr_a + a - 1, arr_b + b - 1, np.minimum(arr_a, arr_b) + a + b - 1])
+        T = np.maximum(T, ramp) + compute
+    return int(T.max())
+
+
+def seconds(cycles: float, wafer: Wafer) -> float:
+    return cycles / wafer.clock_hz

@@ -1,0 +1,226 @@
+"""The machines: a wafer of processing elements (PEs), a GPU, and a cluster of wafer systems.
+
+Every constant carries its unit in its name and its source in a comment, with a status letter:
+P primary (vendor documentation or code, the paper itself), S secondary (press, talks), D derived
+here by arithmetic, A an assumption of this book where nothing is published. Dense and sparse FLOPs
+are kept apart, and the clock is a field, because published cycle-to-time conversions use two
+different clocks for WSE-2 (850 MHz in the vendor's examples, 1.1 GHz in WaferLLM).
+
+Built in: 08_wafer
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# Bytes per element of the number formats the book uses.
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of ``dtype`` (``fp32``, ``fp16`` or ``bf16``)."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
+
+
+@dataclass(frozen=True)
+class Wafer:
+    """A wafer-scale engine as a W x H mesh of identical PEs.
+
+    ``width`` x ``height`` is the rectangle a program may use (smaller than the fabric: the SDK keeps
+    a border for its own routing). Each PE has its own SRAM, a multiply-accumulate unit, and a router
+    with five ports (its own PE, north, south, east, west) that moves one 32-bit wavelet per cycle per
+    direction on each link. A hop to a neighbour takes ``hop_cycles``; a wavelet that a PE must
+    receive, process and send on (a software routing stage) costs ``stage_cycles`` more.
+
+    Built in: 08_wafer
+    """
+
+    name: str
+    width: int  # PEs in x (columns)
+    height: int  # PEs in y (rows)
+    clock_hz: float
+    sram_bytes_per_pe: int
+    fp32_fmacs_per_cycle: int  # fused multiply-adds per PE per cycle (1 FMAC = 2 FLOPs)
+    fp16_fmacs_per_cycle: int  # the SIMD width for 16-bit operands
+    cores_marketed: int  # the vendor's core count (larger than width x height)
+    link_bits_per_cycle: int = 32  # one wavelet per cycle per direction per link
+    hop_cycles: int = 1  # router-to-router latency
+    stage_cycles: int = 2  # a PE receiving, adding and re-sending a wavelet (see the presets)
+    colors: int = 24  # routable colors (virtual channels) per PE
+    io_bits_per_s: float = 1.2e12  # the system's external I/O
+    sparse_fp16_flops_published: float = 0.0  # the vendor's "AI" peak (with sparsity), for contrast
+    sram_bytes_published: float = 0.0
+    power_w: float = 0.0
+
+    def __post_init__(self):
+        for name in ("width", "height", "sram_bytes_per_pe", "fp32_fmacs_per_cycle", "fp16_fmacs_per_cycle",
+                     "cores_marketed", "link_bits_per_cycle", "hop_cycles", "stage_cycles", "colors"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if not self.clock_hz > 0:
+            raise ValueError(f"clock_hz={self.clock_hz!r} must be positive")
+
+    @property
+    def pes(self) -> int:
+        """PEs a program can use: width x height."""
+        return self.width * self.height
+
+    def fmacs_per_cycle(self, dtype: str = "fp16") -> int:
+        dtype_bytes(dtype)
+        return self.fp32_fmacs_per_cycle if dtype == "fp32" else self.fp16_fmacs_per_cycle
+
+    def peak_flops(self, dtype: str = "fp16", cores: int | None = None) -> float:
+        """Dense peak FLOP/s: cores x FMACs per cycle x 2 x clock. ``cores`` defaults to the marketed
+        count (what published aggregates use); pass ``self.pes`` for what one program can reach."""
+        n = self.cores_marketed if cores is None else cores
+        return n * self.fmacs_per_cycle(dtype) * 2 * self.clock_hz
+
+    def sram_bytes(self, cores: int | None = None) -> int:
+        """Total SRAM: cores x SRAM per PE (marketed cores by default)."""
+        return (self.cores_marketed if cores is None else cores) * self.sram_bytes_per_pe
+
+    def sram_bytes_per_s(self, dtype: str = "fp16") -> float:
+        """Aggregate SRAM bandwidth if every PE reads two operands per FMAC: the rate the peak needs."""
+        return self.cores_marketed * self.fmacs_per_cycle(dtype) * 2 * dtype_bytes(dtype) * self.clock_hz
+
+    def with_clock(self, clock_hz: float) -> Wafer:
+        return dataclasses.replace(self, clock_hz=clock_hz)
+
+    def with_grid(self, width: int, height: int, name: str | None = None) -> Wafer:
+        """The same PEs on a smaller (or other) rectangle: a region of the wafer."""
+        name = name or f"{self.name} {width}x{height}"
+        return dataclasses.replace(self, width=width, height=height, name=name)
+
+
+@dataclass(frozen=True)
+class GPU:
+    """A GPU for comparison: dense and sparse 16-bit peaks, HBM capacity and bandwidth.
+
+    Built in: 08_wafer
+    """
+
+    name: str
+    bf16_flops: float  # dense
+    bf16_sparse_flops: float  # with 2:4 structured sparsity
+    hbm_bytes: float
+    hbm_bytes_per_s: float
+    link_bytes_per_s: float  # NVLink, per direction
+    power_w: float
+
+    def peak_flops(self, dtype: str = "bf16") -> float:
+        if dtype not in ("bf16", "fp16"):
+            raise ValueError(f"dtype={dtype!r}: the GPU presets hold 16-bit peaks only (bf16, fp16)")
+        return self.bf16_flops
+
+    @property
+    def critical_intensity(self) -> float:
+        """FLOPs per byte of HBM traffic at which compute and memory take equal time."""
+        return self.bf16_flops / self.hbm_bytes_per_s
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """``systems`` wafer systems with MemoryX (off-wafer weights and optimizer state, which also does
+    the update) and SwarmX (broadcasts weights to the systems and reduces their gradients in a tree).
+
+    Built in: 08_wafer
+    """
+
+    wafer: Wafer
+    systems: int
+    memoryx_bytes: float = 4e12  # P: 4 TB to 2.4 PB in the CS-2 era; the smallest by default
+    swarmx_fanout: int = 2  # A: a binary tree; the vendor says only "a tree", latency ~ log N
+
+    def __post_init__(self):
+        if not isinstance(self.systems, int) or isinstance(self.systems, bool) or self.systems < 1:
+            raise ValueError(f"systems={self.systems!r} must be a positive integer (a cluster has at least "
+                             f"one system)")
+        if not isinstance(self.swarmx_fanout, int) or self.swarmx_fanout < 2:
+            raise ValueError(f"swarmx_fanout={self.swarmx_fanout!r} must be an integer >= 2")
+        if not self.memoryx_bytes > 0:
+            raise ValueError(f"memoryx_bytes={self.memoryx_bytes!r} must be positive")
+
+    def peak_flops(self, dtype: str = "fp16") -> float:
+        return self.systems * self.wafer.peak_flops(dtype)
+
+
+# --- presets ------------------------------------------------------------------------------------------
+# stage_cycles (A): the PLMR model (WaferLLM, He et al. 2025) says only that a software routing stage
+# costs more than a hop (beta > alpha). We take 2 cycles: one to receive into the PE, one for the FMAC
+# that adds and re-injects. Chapter 09 shows how the predictions move with it.
+
+WSE1 = Wafer(
+    name="WSE-1",
+    width=600, height=595,  # D (a lower bound): SC20 (Rocki et al.) put a 600 x 595 mesh, one column per PE
+    clock_hz=1.1e9,  # U: assumed equal to WSE-2's WaferLLM convention
+    sram_bytes_per_pe=48 * 1024,  # U: 18 GB / 400k cores = 45 KB; 48 KiB assumed as on WSE-2
+    fp32_fmacs_per_cycle=1,  # U
+    fp16_fmacs_per_cycle=4,  # U: as WSE-2
+    cores_marketed=400_000,  # P: vendor
+    sram_bytes_published=18e9,  # P/S: vendor, "18 GB"
+    power_w=20_000,  # S
+)
+
+WSE2 = Wafer(
+    name="WSE-2",
+    width=750, height=994,  # P: largest program rectangle (csl-examples benchmarks); fabric 757 x 996
+    clock_hz=1.1e9,  # P: WaferLLM's code converts cycles at 1.1 GHz; vendor examples use 850 MHz
+    sram_bytes_per_pe=48 * 1024,  # P: WaferLLM; csl-examples comments
+    fp32_fmacs_per_cycle=1,  # P: WaferLLM, 1 FMAC per cycle per PE
+    fp16_fmacs_per_cycle=4,  # S: press, 4-wide SIMD FMAC
+    cores_marketed=850_000,  # P: vendor; WaferLLM
+    hop_cycles=1,  # P (implicit): vendor timing code subtracts px + py cycles for distance
+    colors=24,  # P: routable colors 0..23
+    io_bits_per_s=1.2e12,  # P: 12 x 100 GbE
+    sparse_fp16_flops_published=62.5e15,  # S: vendor "AI" peak, with sparsity; not dense
+    sram_bytes_published=40e9,  # P/S: vendor, "40 GB"
+    power_w=15_000,  # S
+)
+
+WSE3 = Wafer(
+    name="WSE-3",
+    width=755, height=1170,  # D: fabric 762 x 1172, width <= fabric_x - 7, height <= fabric_y - 2
+    clock_hz=1.1e9,  # U: WaferLLM's WSE-2 convention, assumed
+    sram_bytes_per_pe=48 * 1024,  # P
+    fp32_fmacs_per_cycle=1,  # U: as WSE-2
+    fp16_fmacs_per_cycle=8,  # S: press, 8-wide SIMD FMAC
+    cores_marketed=900_000,  # P: vendor
+    colors=24,  # P
+    io_bits_per_s=1.2e12,  # P
+    sparse_fp16_flops_published=125e15,  # S: vendor "AI" peak, with sparsity
+    sram_bytes_published=44e9,  # P/S: vendor, "44 GB"
+    power_w=23_000,  # U
+)
+
+# A small wafer for the simulator: WSE-2's PE, on a 32 x 32 grid.
+TOY = WSE2.with_grid(32, 32, name="TOY")
+
+H100 = GPU(
+    name="H100 SXM",
+    bf16_flops=989e12,  # S: datasheet, dense
+    bf16_sparse_flops=1979e12,  # S: with 2:4 sparsity
+    hbm_bytes=80e9,  # S
+    hbm_bytes_per_s=3.35e12,  # S
+    link_bytes_per_s=450e9,  # S: NVLink 900 GB/s bidirectional
+    power_w=700,  # S
+)
+
+A100 = GPU(
+    name="A100 SXM 80GB",
+    bf16_flops=312e12,  # S
+    bf16_sparse_flops=624e12,  # S
+    hbm_bytes=80e9,  # S
+    hbm_bytes_per_s=2.0e12,  # S
+    link_bytes_per_s=300e9,  # S: 600 GB/s bidirectional
+    power_w=400,  # S
+)
+
+# Andromeda: 16 CS-2 systems (S); the largest cluster announced for the CS-2 has 192 (P).
+ANDROMEDA = Cluster(WSE2, systems=16)
+
+WAFERS = {w.name: w for w in (WSE1, WSE2, WSE3, TOY)}
+GPUS = {g.name: g for g in (H100, A100)}

@@ -1,0 +1,461 @@
+"""A cycle-level simulator of a W x H mesh of PEs that carries real values.
+
+The machine it simulates:
+
+- Each PE has SRAM of a fixed capacity, holding named float buffers (4 bytes per element: one
+  32-bit wavelet each).
+- Each PE has a router with five ports: ``ramp`` (its own PE), ``north``, ``south``, ``east``,
+  ``west``. A route is set per PE per color: the ports it receives that color from, and the ports it
+  transmits it to (several = multicast; ``ramp`` among them delivers a copy to the PE).
+- Every directed link (including the ramp in each direction) carries at most one wavelet per cycle.
+  Wavelets that want the same link wait in a first-come first-served queue at its router: contention
+  between flows shows up as queueing, and queues are unbounded (real routers push back instead).
+- A wavelet that leaves a router at cycle t is at the neighbour's router at t + ``hop_cycles``, and
+  may leave again in that same cycle.
+- A PE runs *tasks* concurrently, each a list of operations done in order: ``Send`` (asynchronous:
+  the values queue at the ramp), ``Recv``, ``Reduce`` and ``ReduceSend`` (triggered by each arriving
+  wavelet, at one per cycle, costing ``stage_cycles`` before the sum is stored or re-sent), and
+  ``Compute`` (the FMAC unit busy for a number of cycles, then a NumPy function applied to the PE's
+  memory). One FMAC unit per PE, shared by its tasks.
+
+``Mesh.run`` returns the cycle at which the last event happened, each link's wavelet count, and each
+operation's start and end (a timeline).
+
+Built in: 09_mesh
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from wafer.hardware import TOY, Wafer
+
+RAMP, NORTH, SOUTH, EAST, WEST = range(5)
+PORTS = ("ramp", "north", "south", "east", "west")
+STEP = {NORTH: (0, -1), SOUTH: (0, 1), EAST: (1, 0), WEST: (-1, 0)}  # y grows southward (row index)
+OPPOSITE = {NORTH: SOUTH, SOUTH: NORTH, EAST: WEST, WEST: EAST, RAMP: RAMP}
+WORD_BYTES = 4  # one wavelet: 32 bits
+
+
+def port(name) -> int:
+    """A port number from its name (``"east"``) or number."""
+    if isinstance(name, int) and 0 <= name < 5:
+        return name
+    if name in PORTS:
+        return PORTS.index(name)
+    raise ValueError(f"port {name!r} is not one of {PORTS}")
+
+
+# --- operations -------------------------------------------------------------------------------------
+
+@dataclass
+class Send:
+    """Queue the values of buffer ``name`` (or of ``values``) at the ramp, on ``color``."""
+    color: int
+    name: str = ""
+    values: np.ndarray | None = None
+
+
+@dataclass
+class Recv:
+    """Wait for ``count`` wavelets on ``color`` and store them in buffer ``name``."""
+    color: int
+    name: str
+    count: int
+
+
+@dataclass
+class Reduce:
+    """For each of ``count`` wavelets arriving on ``color``: ``name[i] += value``."""
+    color: int
+    name: str
+    count: int
+
+
+@dataclass
+class ReduceSend:
+    """For each of ``count`` wavelets arriving on ``color``: send ``value + name[i]`` on ``out``."""
+    color: int
+    out: int
+    name: str
+    count: int
+
+
+@dataclass
+class Compute:
+    """Keep the FMAC unit busy for ``cycles``, then call ``fn(memory)`` (a dict of the PE's buffers)."""
+    cycles: int
+    fn: object = None
+    label: str = "compute"
+
+
+@dataclass
+class _Task:
+    pe: int
+    ops: list
+    pos: int = 0
+    index: int = 0  # wavelets handled by the current streaming op
+    started: int = 0
+    free: int = 0  # the first cycle at which the current streaming op can take another wavelet
+    buf: np.ndarray | None = None  # the current streaming op's buffer, flat
+
+
+@dataclass
+class Report:
+    """What a run measured. ``link_wavelets[y, x, p]`` counts wavelets sent from PE (x, y) through
+    port p (0 ramp = delivered to the PE, 1-4 north, south, east, west).
+
+    Built in: 09_mesh
+    """
+    cycles: int
+    link_wavelets: np.ndarray
+    timeline: list = field(default_factory=list)  # (x, y, label, start, end)
+    trace: list | None = None  # (cycle, x, y, port) per wavelet sent on a link, when asked for
+
+    @property
+    def wavelet_hops(self) -> int:
+        """Wavelets moved between routers (ramp deliveries not counted)."""
+        return int(self.link_wavelets[:, :, 1:].sum())
+
+    def busiest_link(self) -> tuple[tuple[int, int], str, int]:
+        """((x, y), port name, wavelets) of the link that carried the most (ramps not counted)."""
+        links = self.link_wavelets[:, :, 1:]
+        y, x, p = np.unravel_index(int(links.argmax()), links.shape)
+        return (int(x), int(y)), PORTS[p + 1], int(links[y, x, p])
+
+    def then(self, other: Report) -> Report:
+        """This run followed by ``other`` (the phases of one algorithm)."""
+        shifted = [(x, y, label, s + self.cycles, e + self.cycles) for x, y, label, s, e in other.timeline]
+        return Report(self.cycles + other.cycles, self.link_wavelets + other.link_wavelets,
+                      self.timeline + shifted)
+
+
+class MeshError(ValueError):
+    """A program that the mesh cannot run: a bad route, too many colors, SRAM overflow, a stall."""
+
+
+class Mesh:
+    """A ``width`` x ``height`` grid with the per-PE facts of ``wafer`` (TOY by default: WSE-2's PE).
+
+    Built in: 09_mesh
+    """
+
+    def __init__(self, width: int, height: int, wafer: Wafer = TOY):
+        for name, value in (("width", width), ("height", height)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        self.width, self.height, self.wafer = width, height, wafer
+        self.hop_cycles, self.stage_cycles = wafer.hop_cycles, wafer.stage_cycles
+        self.routes: dict[tuple[int, int], tuple[frozenset, tuple]] = {}  # (pe, color) -> (rx, tx)
+        self.memory: list[dict[str, np.ndarray]] = [{} for _ in range(width * height)]
+        self.tasks: list[_Task] = []
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def _pe(self, pe) -> int:
+        x, y = pe
+        if not (0 <= x < self.width and 0 <= y < self.height):
+            raise MeshError(f"PE {tuple(pe)} is outside the {self.width} x {self.height} grid")
+        return y * self.width + x
+
+    def xy(self, index: int) -> tuple[int, int]:
+        return index % self.width, index // self.width
+
+    def route(self, pe, color: int, rx, tx) -> None:
+        """At ``pe``, accept ``color`` from the ports ``rx`` and copy it to every port in ``tx``."""
+        i = self._pe(pe)
+        if not isinstance(color, int) or not 0 <= color < self.wafer.colors:
+            raise MeshError(f"color {color!r} at PE {tuple(pe)}: routable colors are "
+                            f"0..{self.wafer.colors - 1}")
+        rx = frozenset(port(p) for p in ([rx] if isinstance(rx, (str, int)) else rx))
+        tx = tuple(sorted({port(p) for p in ([tx] if isinstance(tx, (str, int)) else tx)}))
+        if not rx or not tx:
+            raise MeshError(f"route of color {color} at PE {tuple(pe)} needs at least one receive and one "
+                            f"transmit port")
+        for p in tx:
+            if p != RAMP:
+                nx, ny = pe[0] + STEP[p][0], pe[1] + STEP[p][1]
+                if not (0 <= nx < self.width and 0 <= ny < self.height):
+                    raise MeshError(f"route of color {color} at PE {tuple(pe)} transmits {PORTS[p]}, which "
+                                    f"leaves the {self.width} x {self.height} grid")
+        self.routes[(i, color)] = (rx, tx)
+
+    def clear_routes(self) -> None:
+        """Forget every route (between the phases of an algorithm); memory is kept."""
+        self.routes.clear()
+
+    def store(self, pe, name: str, values) -> None:
+        """Put ``values`` (float64 in the simulator; 4 bytes each in the SRAM count) in PE memory."""
+        i = self._pe(pe)
+        values = np.array(values, dtype=np.float64).reshape(-1) if np.ndim(values) < 2 else \
+            np.array(values, dtype=np.float64)
+        used = self.sram_used(pe) - self.memory[i].get(name, np.empty(0)).size * WORD_BYTES
+        need = values.size * WORD_BYTES
+        cap = self.wafer.sram_bytes_per_pe
+        if used + need > cap:
+            raise MeshError(f"SRAM overflow at PE {tuple(pe)}: storing {name!r} ({need:,} bytes) on top of "
+                            f"{used:,} bytes needs {used + need:,} bytes, over its {cap:,}")
+        self.memory[i][name] = values
+
+    def load(self, pe, name: str) -> np.ndarray:
+        i = self._pe(pe)
+        if name not in self.memory[i]:
+            raise KeyError(f"PE {tuple(pe)} has no buffer {name!r}; it has {sorted(self.memory[i])}")
+        return self.memory[i][name]
+
+    def sram_used(self, pe) -> int:
+        return sum(v.size for v in self.memory[self._pe(pe)].values()) * WORD_BYTES
+
+    def program(self, pe, ops: list) -> None:
+        """Add a task (a list of operations, done in order) to ``pe``; a PE's tasks run concurrently."""
+        self.tasks.append(_Task(self._pe(pe), list(ops)))
+
+    # -- checks ----------------------------------------------------------------------------------------
+    def colors_used(self) -> np.ndarray:
+        """(height, width) array: how many colors each PE routes."""
+        counts = np.zeros(self.width * self.height, dtype=int)
+        for i, _ in self.routes:
+            counts[i] += 1
+        return counts.reshape(self.height, self.width)
+
+    def check(self) -> None:
+        """Refuse routes that cannot work: more colors at a PE than it can route, or a cycle."""
+        counts = self.colors_used()
+        if counts.max(initial=0) > self.wafer.colors:
+            y, x = np.unravel_index(int(counts.argmax()), counts.shape)
+            raise MeshError(f"PE ({x}, {y}) routes {counts[y, x]} colors; a {self.wafer.name} PE routes at "
+                            f"most {self.wafer.colors}")
+        # A cycle: following transmit ports from (pe, color) comes back to it, so a wavelet never drains.
+        nxt: dict[tuple[int, int], list] = {}
+        for (i, color), (_, tx) in self.routes.items():
+            x, y = self.xy(i)
+            nxt[(i, color)] = []
+            for p in tx:
+                if p == RAMP:
+                    continue
+                j = self._pe((x + STEP[p][0], y + STEP[p][1]))
+                r = self.routes.get((j, color))
+                if r is not None and OPPOSITE[p] in r[0]:
+                    nxt[(i, color)].append((j, color))
+        state: dict = {}
+        for start in nxt:
+            if start in state:
+                continue
+            stack = [(start, iter(nxt[start]))]
+            path = [start]
+            state[start] = 1
+            while stack:
+                node, it = stack[-1]
+                child = next(it, None)
+                if child is None:
+                    state[node] = 2
+                    stack.pop()
+                    path.pop()
+                elif state.get(child) == 1:
+                    loop = path[path.index(child):] + [child]
+                    pes = " -> ".join(str(self.xy(i)) for i, _ in loop)
+                    raise MeshError(f"the routes of color {child[1]} form a cycle through PEs {pes}: a "
+                                    f"wavelet on it would never drain")
+                elif child not in state:
+                    state[child] = 1
+                    stack.append((child, iter(nxt[child])))
+                    path.append(child)
+
+    # -- the simulation ----------------------------------------------------------------------------------
+    def run(self, trace: bool = False, max_cycles: int = 10**9) -> Report:
+        """Run every task to completion; return what happened. Tasks are consumed; memory and routes
+        stay."""
+        self.check()
+        w, hop, stage = self.width, self.hop_cycles, self.stage_cycles
+        n = w * self.height
+        neighbour = {}
+        for i in range(n):
+            x, y = i % w, i // w
+            for p, (dx, dy) in STEP.items():
+                if 0 <= x + dx < w and 0 <= y + dy < self.height:
+                    neighbour[(i, p)] = (y + dy) * w + x + dx
+        links = np.zeros((n, 5), dtype=np.int64)
+        ramp_out: dict[int, deque] = defaultdict(deque)  # PE -> router
+        out: dict[tuple[int, int], deque] = defaultdict(deque)  # router output port queues
+        ramp_active: set[int] = set()
+        out_active: set[tuple[int, int]] = set()
+        arrivals: dict[int, list] = defaultdict(list)
+        injections: dict[int, list] = defaultdict(list)
+        times: list[int] = []  # heap of cycles with arrivals or injections
+        timers: list = []  # heap of (cycle, seq, task, whether a Compute ends)
+        inbox: dict[tuple[int, int], deque] = defaultdict(deque)
+        waiting: dict[tuple[int, int], _Task] = {}
+        fmac_free = [0] * n
+        timeline: list = []
+        sent: list | None = [] if trace else None
+        tasks, self.tasks = self.tasks, []
+        seq = 0
+        last = 0
+        routes = self.routes
+
+        def at(table, t, item):
+            if t not in table:
+                heapq.heappush(times, t)
+            table[t].append(item)
+
+        def advance(task: _Task, t: int) -> None:
+            nonlocal seq
+            mem = self.memory[task.pe]
+            while task.pos < len(task.ops):
+                op = task.ops[task.pos]
+                if isinstance(op, Send):
+                    values = np.asarray(op.values if op.values is not None else mem[op.name]).reshape(-1)
+                    q = ramp_out[task.pe]
+                    q.extend((op.color, v) for v in values.tolist())
+                    if q:
+                        ramp_active.add(task.pe)
+                    timeline.append((task.pe, f"send c{op.color}", t, t + values.size))
+                    task.pos += 1
+                    continue
+                if isinstance(op, Compute):
+                    start = max(t, fmac_free[task.pe])
+                    fmac_free[task.pe] = end = start + int(op.cycles)
+                    task.started = start
+                    seq += 1
+                    heapq.heappush(timers, (end, seq, task, True))
+                    return
+                # a streaming op: take what already arrived, then wait for the rest
+                key = (task.pe, op.color)
+                if key in waiting:
+                    x, y = self.xy(task.pe)
+                    raise MeshError(f"PE ({x}, {y}) has two tasks receiving color {op.color} at once")
+                if isinstance(op, Recv):
+                    if op.name not in mem or mem[op.name].size != op.count:
+                        self.store(self.xy(task.pe), op.name, np.zeros(op.count))
+                elif op.name not in mem or mem[op.name].size < op.count:
+                    x, y = self.xy(task.pe)
+                    raise MeshError(f"PE ({x}, {y}): {type(op).__name__} of {op.count} wavelets needs a "
+                                    f"buffer "
+                                    f"{op.name!r} of at least that size")
+                task.index, task.started, task.free = 0, t, t
+                task.buf = mem[op.name].reshape(-1)  # a view: writes land in the PE's buffer
+                waiting[key] = task
+                box = inbox[key]
+                while box and key in waiting:
+                    handle(task, box.popleft(), t)
+                return
+
+        def handle(task: _Task, value: float, t: int) -> None:
+            nonlocal seq
+            op = task.ops[task.pos]
+            buf = task.buf
+            i = task.index
+            if isinstance(op, Recv):  # already written to memory as it came off the ramp
+                now = t
+            else:  # an add per wavelet, one per cycle: wavelets that waited in the inbox queue up
+                now = max(t, task.free)
+                task.free = now + 1
+            if isinstance(op, Recv):
+                buf[i] = value
+            elif isinstance(op, Reduce):
+                buf[i] += value
+            else:
+                at(injections, now + stage, (task.pe, op.out, value + buf[i]))
+            task.index = i + 1
+            if task.index == op.count:
+                del waiting[(task.pe, op.color)]
+                done = now if isinstance(op, Recv) else now + stage
+                timeline.append((task.pe, f"{type(op).__name__.lower()} c{op.color}", task.started, done))
+                task.pos += 1
+                if done == t:
+                    advance(task, t)
+                else:
+                    seq += 1
+                    heapq.heappush(timers, (done, seq, task, False))
+
+        # each route with the output queues it feeds, looked up once per wavelet
+        compiled = {key: (rx, [((key[0], p), out[(key[0], p)]) for p in tx])
+                    for key, (rx, tx) in routes.items()}
+
+        def misrouted(i: int, came_from: int, color: int, t: int) -> MeshError:
+            r = routes.get((i, color))
+            x, y = self.xy(i)
+            have = "no route" if r is None else f"a route receiving from {[PORTS[p] for p in sorted(r[0])]}"
+            return MeshError(f"a wavelet of color {color} reached PE ({x}, {y}) from {PORTS[came_from]} at "
+                             f"cycle {t}, but the PE has {have} for that color")
+
+        for task in tasks:
+            advance(task, 0)
+        t = 0
+        while True:
+            if t > max_cycles:
+                raise MeshError(f"the run passed max_cycles={max_cycles}")
+            while times and times[0] <= t:
+                heapq.heappop(times)
+            for i, color, value in injections.pop(t, ()):
+                ramp_out[i].append((color, value))
+                ramp_active.add(i)
+            moving = arrivals.pop(t, ())
+            while timers and timers[0][0] == t:
+                _, _, task, computed = heapq.heappop(timers)
+                if computed:
+                    op = task.ops[task.pos]
+                    if op.fn is not None:
+                        op.fn(self.memory[task.pe])
+                    timeline.append((task.pe, op.label, task.started, t))
+                    task.pos += 1
+                advance(task, t)
+                last = t
+            for i in list(ramp_active):
+                q = ramp_out[i]
+                color, value = q.popleft()
+                if not q:
+                    ramp_active.discard(i)
+                r = compiled.get((i, color))
+                if r is None or RAMP not in r[0]:
+                    raise misrouted(i, RAMP, color, t)
+                for key, q in r[1]:
+                    q.append((color, value))
+                    out_active.add(key)
+            for i, came_from, color, value in moving:
+                r = compiled.get((i, color))
+                if r is None or came_from not in r[0]:
+                    raise misrouted(i, came_from, color, t)
+                for key, q in r[1]:
+                    q.append((color, value))
+                    out_active.add(key)
+            for key in list(out_active):
+                q = out[key]
+                color, value = q.popleft()
+                if not q:
+                    out_active.discard(key)
+                i, p = key
+                links[i, p] += 1
+                last = t
+                if p == RAMP:
+                    task = waiting.get((i, color))
+                    if task is None:
+                        inbox[(i, color)].append(value)
+                    else:
+                        handle(task, value, t)
+                else:
+                    if sent is not None:
+                        sent.append((t, i % w, i // w, p))
+                    at(arrivals, t + hop, (neighbour[(i, p)], OPPOSITE[p], color, value))
+            if ramp_active or out_active:
+                t += 1
+                continue
+            upcoming = [c for c in (times[0] if times else None, timers[0][0] if timers else None)
+                        if c is not None]
+            if not upcoming:
+                break
+            t = min(upcoming)
+        stuck = [task for task in tasks if task.pos < len(task.ops)]
+        if stuck:
+            task = stuck[0]
+            op = task.ops[task.pos]
+            x, y = self.xy(task.pe)
+            raise MeshError(f"the run stalled at cycle {last}: PE ({x}, {y}) waits in {type(op).__name__} "
+                            f"for color {op.color} ({task.index} of {op.count} wavelets arrived)"
+                            + (f", and {len(stuck) - 1} more tasks wait too" if len(stuck) > 1 else ""))
+        timeline = [(i % w, i // w, label, s, e) for i, label, s, e in timeline]
+        last = max([last] + [e for *_, e in timeline])
+        return Report(last, links.reshape(self.height, w, 5), timeline, sent)
