@@ -83,9 +83,11 @@ class Wafer:
         """Total SRAM: cores x SRAM per PE (marketed cores by default)."""
         return (self.cores_marketed if cores is None else cores) * self.sram_bytes_per_pe
 
-    def sram_bytes_per_s(self, dtype: str = "fp16") -> float:
-        """Aggregate SRAM bandwidth if every PE reads two operands per FMAC: the rate the peak needs."""
-        return self.cores_marketed * self.fmacs_per_cycle(dtype) * 2 * dtype_bytes(dtype) * self.clock_hz
+    def sram_bytes_per_s(self, dtype: str = "fp16", accesses_per_fmac: int = 3) -> float:
+        """Aggregate SRAM bandwidth the dense peak needs: every FMAC reads two operands and writes its
+        result (``accesses_per_fmac`` = 3), on every marketed core, every cycle."""
+        n = self.cores_marketed * self.fmacs_per_cycle(dtype)
+        return n * accesses_per_fmac * dtype_bytes(dtype) * self.clock_hz
 
     def with_clock(self, clock_hz: float) -> Wafer:
         return dataclasses.replace(self, clock_hz=clock_hz)

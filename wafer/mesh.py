@@ -115,6 +115,7 @@ class Report:
     link_wavelets: np.ndarray
     timeline: list = field(default_factory=list)  # (x, y, label, start, end)
     trace: list | None = None  # (cycle, x, y, port) per wavelet sent on a link, when asked for
+    colors: int = 0  # the most colors any one PE routed
 
     @property
     def wavelet_hops(self) -> int:
@@ -131,7 +132,7 @@ class Report:
         """This run followed by ``other`` (the phases of one algorithm)."""
         shifted = [(x, y, label, s + self.cycles, e + self.cycles) for x, y, label, s, e in other.timeline]
         return Report(self.cycles + other.cycles, self.link_wavelets + other.link_wavelets,
-                      self.timeline + shifted)
+                      self.timeline + shifted, colors=max(self.colors, other.colors))
 
 
 class MeshError(ValueError):
@@ -458,4 +459,5 @@ class Mesh:
                             + (f", and {len(stuck) - 1} more tasks wait too" if len(stuck) > 1 else ""))
         timeline = [(i % w, i // w, label, s, e) for i, label, s, e in timeline]
         last = max([last] + [e for *_, e in timeline])
-        return Report(last, links.reshape(self.height, w, 5), timeline, sent)
+        colors = int(self.colors_used().max(initial=0))
+        return Report(last, links.reshape(self.height, w, 5), timeline, sent, colors)
