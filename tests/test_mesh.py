@@ -1,7 +1,6 @@
 """The mesh simulator: hand-counted cycles, conservation under contention, collectives equal to NumPy,
 the analytic model against the simulator, and errors for programs the mesh cannot run."""
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -112,18 +111,22 @@ def test_reduce_and_allreduce_equal_numpy_and_the_model(n, k, levels):
 
 @pytest.mark.parametrize("grid, shape, levels", [((2, 2), (8, 8), 1), ((4, 8), (64, 64), 2),
                                                  ((8, 8), (256, 256), 1), ((16, 16), (64, 64), 2),
-                                                 ((16, 16), (512, 512), 3), ((3, 5), (9, 25), 2)])
+                                                 ((16, 16), (512, 512), 3), ((3, 5), (9, 25), 2),
+                                                 ((1, 4), (8, 8), 1), ((4, 1), (8, 8), 2),
+                                                 ((1, 1), (3, 5), 1)])
 def test_gemv_equals_numpy_and_the_model(grid, shape, levels):
     rng = np.random.default_rng(sum(shape))
     A, x = rng.standard_normal(shape), rng.standard_normal(shape[1])
     y, report = coll.gemv(A, x, grid, levels=levels)
     np.testing.assert_allclose(y, A @ x, rtol=1e-10, atol=1e-10)
-    assert abs(cost.gemv_cycles(TOY, *shape, grid, levels)["total"] / report.cycles - 1) <= 0.10
+    model = cost.gemv_cycles(TOY, *shape, grid, levels)
+    assert abs(model["total"] / report.cycles - 1) <= 0.10
+    assert model["colors"] == report.colors
 
 
 @pytest.mark.parametrize("method", coll.GEMM_METHODS)
 @pytest.mark.parametrize("grid, m, k, n", [(2, 8, 8, 8), (4, 32, 64, 32), (8, 32, 32, 32), (16, 32, 32, 32),
-                                           (5, 10, 15, 20)])
+                                           (5, 10, 15, 20), (1, 3, 4, 5)])
 def test_gemm_equals_numpy_and_the_model(method, grid, m, k, n):
     rng = np.random.default_rng(grid + m)
     A, B = rng.standard_normal((m, k)), rng.standard_normal((k, n))
@@ -131,6 +134,7 @@ def test_gemm_equals_numpy_and_the_model(method, grid, m, k, n):
     np.testing.assert_allclose(C, A @ B, rtol=1e-10, atol=1e-10)
     model = cost.gemm_cycles(TOY, m, k, n, grid, method)
     assert abs(model["total"] / report.cycles - 1) <= 0.10
+    assert model["colors"] == report.colors
     if method != "summa" and grid > 2:  # a barrier after every shift would only be slower
         assert model["lockstep"] >= report.cycles
 
@@ -146,15 +150,13 @@ def test_bad_programs_get_clear_errors():
     mesh = Mesh(4, 4)
     with pytest.raises(MeshError, match="transmits east, which leaves the 4 x 4 grid"):
         mesh.route((3, 1), 0, "west", "east")
-    with pytest.raises(MeshError, match="routable colors are 0..23"):
+    with pytest.raises(MeshError, match=r"PE \(0, 0\) needs color 24, but a TOY PE routes at most 24 colors"):
         mesh.route((0, 0), 24, "ramp", "east")
+    crowd = [coll.straight((i, 0), (i + 26, 0)) for i in range(26)]  # 26 paths over PEs 25 and 26
+    with pytest.raises(ValueError, match=r"PE \(24, 0\) is crossed by 25 paths that need distinct colors; "
+                                         r"a PE routes at most 24"):
+        coll.assign_colors(crowd, limit=TOY.colors)
     small = Mesh(4, 4, TOY.with_grid(4, 4))
-    few = Mesh(4, 4, dataclasses.replace(TOY, colors=2))
-    for c in range(2):
-        few.route((1, 1), c, "ramp", "east")
-    few.routes[(few._pe((1, 1)), 2)] = (frozenset({0}), (3,))  # a third color, set behind route()'s back
-    with pytest.raises(MeshError, match=r"PE \(1, 1\) routes 3 colors; a TOY PE routes at most 2"):
-        few.run()
     with pytest.raises(MeshError, match=r"SRAM overflow at PE \(2, 3\): storing 'A' \(49,156 bytes\) "
                                         r"on top of "
                                         r"0 bytes needs 49,156 bytes, over its 49,152"):

@@ -102,6 +102,14 @@ def test_transfer_formulas():
     assert cost.reduce_cycles(WSE2, 600, 20, levels=2) < cost.reduce_cycles(WSE2, 600, 20, levels=1) / 2
 
 
+def test_routing_feasibility():
+    assert cost.reduce_colors(8, 1) == 2  # a chain: one color in, one out
+    assert cost.reduce_colors(64, 2) > 2  # a tree's long hops pass over PEs that route them too
+    with pytest.raises(ValueError, match="needs 25 colors at one PE; a WSE-2 PE routes at most 24"):
+        cost.check_routable(25, WSE2)
+    assert cost.gemv_cycles(WSE2, 16384, 16384, (410, 410), 3, "fp16")["colors"] <= WSE2.colors
+
+
 def test_full_wafer_gemv_prediction_near_published():
     # WaferLLM (OSDI'25): [1,16K] x [16K,16K] in 1.2 us and [1,32K] x [32K,32K] in 2.03 us on WSE-2, grid not
     # stated. The model's best square grid that fits in SRAM, at 1.1 GHz: within a factor of 2.

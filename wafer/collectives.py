@@ -63,9 +63,13 @@ def straight(a, b) -> list[tuple[int, int]]:
     return [(a[0] + dx * i, a[1] + dy * i) for i in range(n + 1)]
 
 
-def assign_colors(paths: list[list], first: int = 0) -> list[int]:
+def assign_colors(paths: list[list], first: int = 0, limit: int | None = None) -> list[int]:
     """A color per point-to-point path, smallest first, such that no two paths that share a PE share
-    a color (a PE holds one route per color)."""
+    a color (a PE holds one route per color). With ``limit``, raise if a path would need a color
+    number of ``limit`` or more, naming the PE where the paths crowd.
+
+    Built in: 09_mesh
+    """
     at: dict[tuple, set[int]] = {}
     colors = []
     for path in paths:
@@ -73,6 +77,10 @@ def assign_colors(paths: list[list], first: int = 0) -> list[int]:
         c = first
         while c in used:
             c += 1
+        if limit is not None and c >= limit:
+            crowded = max(path, key=lambda pe: len(at.get(pe, ())))
+            raise ValueError(f"PE {crowded} is crossed by {len(at[crowded]) + 1} paths that need distinct "
+                             f"colors; a PE routes at most {limit}")
         colors.append(c)
         for pe in path:
             at.setdefault(pe, set()).add(c)
@@ -89,7 +97,9 @@ def route_path(mesh: Mesh, path: list, color: int) -> None:
 
 def route_multicast(mesh: Mesh, source, pes: list, color: int) -> None:
     """Route ``color`` from ``source`` to every PE of the line ``pes`` (which contains ``source``),
-    outward in both directions, each PE on the way keeping a copy."""
+    outward in both directions, each PE on the way keeping a copy. A line of one PE needs no route."""
+    if len(pes) == 1:
+        return
     k = pes.index(source)
     arms = [pes[k + 1:], pes[:k][::-1]]
     out = tuple(direction(source, arm[0]) for arm in arms if arm)
@@ -130,12 +140,27 @@ def tree_chains(n: int, levels: int) -> list[list[list[int]]]:
     return out
 
 
+def reduce_links(n: int, levels: int = 1) -> list[tuple[int, int]]:
+    """The (sender, receiver) positions of every hop of a reduction over n positions."""
+    return [(chain[j], chain[j - 1]) for level in tree_chains(n, levels) for chain in level
+            for j in range(1, len(chain))]
+
+
+def colors_per_pe(paths: list[list], colors: list[int]) -> int:
+    """The most colors any one PE routes, for ``paths`` colored ``colors``."""
+    at: dict = {}
+    for path, c in zip(paths, colors):
+        for pe in path:
+            at.setdefault(pe, set()).add(c)
+    return max((len(v) for v in at.values()), default=0)
+
+
 def reduce_plan(mesh: Mesh, pes: list, name: str, count: int, levels: int = 1, first_color: int = 0) -> dict:
     """Set the routes of a reduction of buffer ``name`` (``count`` values) over the line ``pes`` toward
     ``pes[0]``, and return each PE's operations, to be appended to its task."""
     chains = tree_chains(len(pes), levels)
-    links = [(chain[j], chain[j - 1]) for level in chains for chain in level for j in range(1, len(chain))]
-    colors = assign_colors([straight(pes[a], pes[b]) for a, b in links], first_color)
+    links = reduce_links(len(pes), levels)
+    colors = assign_colors([straight(pes[a], pes[b]) for a, b in links], first_color, mesh.wafer.colors)
     color_of = {}
     for (a, b), c in zip(links, colors):
         route_path(mesh, straight(pes[a], pes[b]), c)
@@ -155,6 +180,8 @@ def reduce_plan(mesh: Mesh, pes: list, name: str, count: int, levels: int = 1, f
 
 
 def broadcast_plan(mesh: Mesh, source, pes: list, name: str, count: int, color: int) -> dict:
+    if len(pes) == 1:
+        return {source: []}
     route_multicast(mesh, source, pes, color)
     return {pe: [Send(color, name)] if pe == source else [Recv(color, name, count)] for pe in pes}
 
@@ -290,6 +317,23 @@ def interleaved_ring(n: int) -> list[int]:
     return list(range(0, n, 2)) + list(range(n - 1 - (n % 2 == 1), 0, -2)) if n > 2 else list(range(n))
 
 
+def shift_paths(ring: list[int]) -> tuple[list[list], list[tuple]]:
+    """Cannon's shifts on a P x P grid whose rows and columns follow ``ring`` (logical -> physical):
+    the path of every block move, and (which block, from PE, to PE) for each."""
+    P = len(ring)
+    paths, owners = [], []
+    for line in range(P if P > 1 else 0):  # one PE shifts nothing
+        for j in range(P):  # A moves from logical column j to j - 1 in each row
+            src, dst = (ring[j], ring[line]), (ring[(j - 1) % P], ring[line])
+            paths.append(straight(src, dst))
+            owners.append(("A", src, dst))
+        for i in range(P):  # B moves from logical row i to i - 1 in each column
+            src, dst = (ring[line], ring[i]), (ring[line], ring[(i - 1) % P])
+            paths.append(straight(src, dst))
+            owners.append(("B", src, dst))
+    return paths, owners
+
+
 def gemm(A: np.ndarray, B: np.ndarray, grid: int, method: str = "summa", wafer: Wafer = TOY,
          ) -> tuple[np.ndarray, Report]:
     """C = A B on a ``grid`` x ``grid`` mesh by ``method`` (``summa``, ``cannon`` or ``interleave``).
@@ -322,8 +366,8 @@ def gemm(A: np.ndarray, B: np.ndarray, grid: int, method: str = "summa", wafer: 
             for q in range(P):
                 for p in range(P):
                     ops = []
-                    ops += [Send(0, "A")] if q == s else []
-                    ops += [Send(1, "B")] if p == s else []
+                    ops += [Send(0, "A")] if q == s and P > 1 else []
+                    ops += [Send(1, "B")] if p == s and P > 1 else []
                     ops += [] if q == s else [Recv(0, "a", bm * bk)]
                     ops += [] if p == s else [Recv(1, "b", bk * bn)]
                     mac = _mac("A" if q == s else "a", "B" if p == s else "b")
@@ -342,19 +386,8 @@ def gemm(A: np.ndarray, B: np.ndarray, grid: int, method: str = "summa", wafer: 
             mesh.store(pe, "A", blk_a(i, (i + j) % P))
             mesh.store(pe, "B", blk_b((i + j) % P, j))
             mesh.store(pe, "C", np.zeros((bm, bn)))
-    paths, owners = [], []
-    for line in range(P):
-        for j in range(P):  # A moves from logical column j to j - 1 in each row
-            src, dst = (place[j], place[line]), (place[(j - 1) % P], place[line])
-            paths.append(straight(src, dst))
-            owners.append(("A", src, dst))
-        for i in range(P):  # B moves from logical row i to i - 1 in each column
-            src, dst = (place[line], place[i]), (place[line], place[(i - 1) % P])
-            paths.append(straight(src, dst))
-            owners.append(("B", src, dst))
-    if P == 1:
-        paths, owners = [], []
-    colors = assign_colors(paths)
+    paths, owners = shift_paths(ring)
+    colors = assign_colors(paths, limit=mesh.wafer.colors)
     send, recv = {}, {}
     for path, (what, src, dst), c in zip(paths, owners, colors):
         route_path(mesh, path, c)

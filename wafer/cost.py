@@ -21,7 +21,14 @@ import math
 
 import numpy as np
 
-from wafer.collectives import tree_chains
+from wafer.collectives import (
+    assign_colors,
+    colors_per_pe,
+    interleaved_ring,
+    reduce_links,
+    shift_paths,
+    tree_chains,
+)
 from wafer.hardware import GPU, Wafer, dtype_bytes
 
 WAVELET_BYTES = 4
@@ -63,6 +70,21 @@ def check_fits(bytes_per_pe: float, wafer: Wafer, what: str = "the data") -> Non
         raise ValueError(f"{what} needs {bytes_per_pe:,.0f} bytes per PE, over the "
                          f"{wafer.sram_bytes_per_pe:,} "
                          f"bytes of a {wafer.name} PE (by {bytes_per_pe - wafer.sram_bytes_per_pe:,.0f})")
+
+
+def check_routable(colors: int, wafer: Wafer, what: str = "the algorithm") -> None:
+    """Raise if an algorithm needs more colors at one PE than its router has."""
+    if colors > wafer.colors:
+        raise ValueError(f"{what} needs {colors} colors at one PE; a {wafer.name} PE routes at most "
+                         f"{wafer.colors}")
+
+
+def reduce_colors(n: int, levels: int = 1) -> int:
+    """Colors the busiest PE routes in a reduction over a line of ``n`` PEs (2 for a chain: one in,
+    one out; more where a tree's longer hops pass over PEs)."""
+    links = reduce_links(n, levels)
+    paths = [[(p, 0) for p in range(b, a + 1)] for a, b in links]
+    return colors_per_pe(paths, assign_colors(paths))
 
 
 # --- transfers and collectives (cycles) -------------------------------------------------------------
@@ -135,6 +157,7 @@ def gemv_cycles(wafer: Wafer, m: int, n: int, grid: tuple[int, int], levels: int
               "reduce": reduce_cycles(wafer, q, wavelets(bm, dtype), levels) if q > 1 else 0}
     phases["total"] = sum(phases.values())
     phases["bytes_per_pe"] = (bm * bn + bn + bm) * dtype_bytes(dtype)
+    phases["colors"] = (1 if p > 1 else 0) + reduce_colors(q, levels)
     return phases
 
 
@@ -155,15 +178,16 @@ def gemm_cycles(wafer: Wafer, m: int, k: int, n: int, grid: int, method: str = "
     step_compute = compute_cycles(bm * bk * bn, wafer, dtype)
     if method == "summa":
         comm = sum(transfer_cycles(wafer, max(s, P - 1 - s), a + b) for s in range(P)) if P > 1 else 0
-        out = {"communicate": comm, "compute": P * step_compute, "total": comm + P * step_compute}
+        out = {"communicate": comm, "compute": P * step_compute, "total": comm + P * step_compute,
+               "colors": 2 if P > 1 else 0}  # a row and a column multicast, with new routes each step
     elif method in ("cannon", "interleave"):
-        from wafer.collectives import interleaved_ring
-
         ring = interleaved_ring(P) if method == "interleave" else list(range(P))
         hops = max(abs(ring[j] - ring[j - 1]) for j in range(P)) if P > 1 else 0
         lockstep = P * step_compute + (P - 1) * transfer_cycles(wafer, hops, a + b)
         out = {"communicate": lockstep - P * step_compute, "compute": P * step_compute,
                "lockstep": lockstep, "total": _cannon_dataflow(wafer, ring, a, b, step_compute)}
+        paths, _ = shift_paths(ring)
+        out["colors"] = colors_per_pe(paths, assign_colors(paths))
     else:
         raise ValueError(f"method={method!r} is not one of ('summa', 'cannon', 'interleave')")
     out["bytes_per_pe"] = (2 * bm * bk + 2 * bk * bn + bm * bn) * dtype_bytes(dtype)

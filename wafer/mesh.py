@@ -168,9 +168,12 @@ class Mesh:
     def route(self, pe, color: int, rx, tx) -> None:
         """At ``pe``, accept ``color`` from the ports ``rx`` and copy it to every port in ``tx``."""
         i = self._pe(pe)
-        if not isinstance(color, int) or not 0 <= color < self.wafer.colors:
-            raise MeshError(f"color {color!r} at PE {tuple(pe)}: routable colors are "
+        if not isinstance(color, int) or isinstance(color, bool) or color < 0:
+            raise MeshError(f"color {color!r} at PE {tuple(pe)} must be an integer in "
                             f"0..{self.wafer.colors - 1}")
+        if color >= self.wafer.colors:
+            raise MeshError(f"PE {tuple(pe)} needs color {color}, but a {self.wafer.name} PE routes at most "
+                            f"{self.wafer.colors} colors (0..{self.wafer.colors - 1})")
         rx = frozenset(port(p) for p in ([rx] if isinstance(rx, (str, int)) else rx))
         tx = tuple(sorted({port(p) for p in ([tx] if isinstance(tx, (str, int)) else tx)}))
         if not rx or not tx:
@@ -223,12 +226,8 @@ class Mesh:
         return counts.reshape(self.height, self.width)
 
     def check(self) -> None:
-        """Refuse routes that cannot work: more colors at a PE than it can route, or a cycle."""
-        counts = self.colors_used()
-        if counts.max(initial=0) > self.wafer.colors:
-            y, x = np.unravel_index(int(counts.argmax()), counts.shape)
-            raise MeshError(f"PE ({x}, {y}) routes {counts[y, x]} colors; a {self.wafer.name} PE routes at "
-                            f"most {self.wafer.colors}")
+        """Refuse routes of one color that form a cycle. (Colors beyond what a PE can route are refused
+        by :meth:`route` already.)"""
         # A cycle: following transmit ports from (pe, color) comes back to it, so a wavelet never drains.
         nxt: dict[tuple[int, int], list] = {}
         for (i, color), (_, tx) in self.routes.items():
