@@ -6,7 +6,10 @@
 - ``mesh``: a cycle-level simulator of the PE mesh (chapter 09);
 - ``collectives``: broadcast, reduce, allreduce, GEMV and GEMM as mesh programs (chapter 09).
 
-Placement, weight streaming, inference and emulation arrive with chapters 10-13.
+- ``placement``: layers on rectangles of PEs, four strategies and their evaluation (chapter 10, in
+  progress: the optimizer, the simulator check and the explorer are to come).
+
+Weight streaming, inference and emulation arrive with chapters 11-13.
 """
 
 __version__ = "0.1.0"

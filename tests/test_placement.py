@@ -1,0 +1,126 @@
+"""wafer.placement: strategies give valid placements, the evaluation's arithmetic, and errors."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minigpt.model import GPTConfig
+from minigpt.scaling import CEREBRAS_GPT
+from wafer.hardware import TOY, WSE2
+from wafer.placement import (
+    STRATEGIES,
+    Placement,
+    Rect,
+    check_model_fits,
+    evaluate,
+    pipeline_stages,
+    stage_bytes,
+    strips,
+)
+from wafer.workload import gpt_workload
+
+
+def stages_of(config, dtype="fp16"):
+    return pipeline_stages(gpt_workload(config, dtype=dtype))
+
+
+def assert_valid(p: Placement):
+    assert len(p.rects) == len(p.stages)  # every stage placed exactly once
+    for r in p.rects:
+        assert r.x >= 0 and r.y >= 0 and r.inside(p.wafer.width, p.wafer.height) and r.area >= 1
+    covered = np.zeros((p.wafer.height, p.wafer.width), dtype=int)
+    for r in p.rects:
+        covered[r.y:r.y1, r.x:r.x1] += 1
+    assert covered.max() == 1  # disjoint
+
+
+def test_stages_account_for_the_workload():
+    config = GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=50)
+    w = gpt_workload(config, dtype="fp32")
+    s = pipeline_stages(w)
+    assert [x.name for x in s] == ["embed", "h0", "h1", "h2", "head"]
+    assert sum(x.flops for x in s) == sum(op.flops for op in w.ops)
+    assert sum(x.params for x in s) == w.params + 50 * 32  # the head holds its own copy of the tied matrix
+    assert stage_bytes(s[1], "inference", 16, "fp32") == (s[1].params + 2 * 32 * 16) * 4
+    assert stage_bytes(s[1], "training", 16, "fp32") == s[1].params * 16 + s[1].act_elems * 16 * 4
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_layer=st.integers(1, 40), width=st.integers(8, 64), height=st.integers(8, 64),
+       columns=st.integers(1, 6), serpentine=st.booleans())
+def test_strips_are_valid_and_serpentine_strips_touch(n_layer, width, height, columns, serpentine):
+    config = GPTConfig(n_layer=n_layer, n_head=2, n_embd=32, block_size=64, vocab_size=64)
+    wafer = TOY.with_grid(width, height)
+    s = stages_of(config)
+    if len(s) > height * min(columns, len(s)):
+        return
+    try:
+        p = strips(s, wafer, columns, serpentine)
+    except ValueError as e:  # too many stages for the rows of a column
+        assert "cannot give" in str(e)
+        return
+    assert_valid(p)
+    if serpentine:
+        for a, b in zip(p.rects, p.rects[1:]):  # they share an edge
+            share_x = min(a.x1, b.x1) - max(a.x, b.x)
+            share_y = min(a.y1, b.y1) - max(a.y, b.y)
+            stacked = share_x > 0 and (a.y1 == b.y or b.y1 == a.y)
+            assert stacked or (share_y > 0 and (a.x1 == b.x or b.x1 == a.x))
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+@pytest.mark.parametrize("name", [m.name for m in CEREBRAS_GPT[:4]])
+def test_every_strategy_gives_a_valid_placement_and_balanced_ones_fit(name, mode):
+    config = next(m.config for m in CEREBRAS_GPT if m.name == name)
+    s = stages_of(config)
+    results = {}
+    for strategy, make in STRATEGIES.items():
+        p = make(s, WSE2, mode=mode, context=2048)
+        assert_valid(p)
+        results[strategy] = evaluate(p)
+    for strategy in ("FLOP-proportional", "recursive bisection"):
+        e = results[strategy]
+        assert e.feasible, e.problems
+        assert (e.sram_per_pe <= WSE2.sram_bytes_per_pe).all() and (e.colors <= WSE2.colors).all()
+        assert e.tokens_per_s > results["row strips"].tokens_per_s  # balancing beats equal areas
+        assert 0.9 < e.utilisation <= 1.0
+
+
+def test_evaluation_arithmetic_on_two_stacked_strips():
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=16, vocab_size=64)
+    s = stages_of(config, "fp32")[1:2] * 2  # the same block twice
+    wafer = TOY.with_grid(16, 16)
+    p = Placement(wafer, s, [Rect(0, 0, 16, 4), Rect(0, 4, 16, 12)], context=16, dtype="fp32")
+    e = evaluate(p)
+    rate = 2 * wafer.fp32_fmacs_per_cycle
+    assert e.compute[0] == s[0].flops / (rate * 64) and e.compute[1] == s[0].flops / (rate * 192)
+    assert e.transfer[0] == 64 / 16  # 64 fp32 values over the 16 links the strips share
+    assert e.hops[0] == 1 and e.bottleneck == 0 and e.limit == "compute"
+    assert e.tokens_per_s == wafer.clock_hz / e.compute[0]
+    # apart by 4 rows, a third stage between them: the transfer crosses its PEs
+    p2 = Placement(wafer, s, [Rect(0, 0, 16, 4), Rect(0, 8, 16, 8)], context=16, dtype="fp32")
+    assert evaluate(p2).hops[0] == 5
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"rectangle 0 x 3 at \(1, 1\) is empty"):
+        Rect(1, 1, 0, 3)
+    with pytest.raises(ValueError, match=r"rectangle at \(-1, 0\) has a negative corner"):
+        Rect(-1, 0, 2, 2)
+    s = stages_of(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50))
+    w = TOY.with_grid(8, 8)
+    with pytest.raises(ValueError, match="overlap"):
+        Placement(w, s, [Rect(0, 0, 4, 4), Rect(2, 2, 4, 4), Rect(6, 6, 2, 2)])
+    with pytest.raises(ValueError, match="leaves the 8 x 8 grid"):
+        Placement(w, s, [Rect(0, 0, 4, 4), Rect(4, 4, 4, 4), Rect(6, 0, 4, 2)])
+    with pytest.raises(ValueError, match="mode='serving'"):
+        Placement(w, s, [Rect(0, 0, 4, 4), Rect(4, 4, 4, 4), Rect(4, 0, 4, 2)], mode="serving")
+    big = next(m.config for m in CEREBRAS_GPT if m.name == "2.7B")
+    with pytest.raises(ValueError, match=r"does not fit in training: up to layer h\d+ it needs [\d,]+ "
+                                         r"bytes of SRAM \(in whole PEs\), and the WSE-2 grid has "
+                                         r"36,642,816,000"):
+        check_model_fits(stages_of(big), WSE2, "training", 2048)
+    with pytest.raises(ValueError, match=r"layer embed alone needs 78,767,616 bytes of SRAM in inference; "
+                                         r"the TOY grid has 50,331,648"):
+        check_model_fits(stages_of(GPTConfig()), TOY, "inference", 1024)

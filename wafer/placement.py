@@ -1,0 +1,439 @@
+"""Core placement: a GPT's layers on rectangles of PEs, executed layer-pipelined.
+
+In layer-pipelined execution every layer keeps its weights in the SRAM of its own rectangle of PEs,
+and tokens stream through the layers: while layer i works on token t, layer i + 1 works on token
+t - 1. The pipeline's throughput is set by its slowest stage. A stage is slow for one of three
+reasons: too few PEs for its FLOPs, too few links to the next stage for its activations, or links
+shared with other stages' traffic.
+
+The model, its assumptions stated once:
+
+- A stage's compute takes FLOPs / (2 x FMACs per cycle x PEs) cycles per token: the stage's PEs
+  share its work evenly and run at peak (chapter 09 measured what a stage's own collectives cost;
+  here they are assumed hidden by pipelining over tokens).
+- A stage sends its output activations (n_embd values per token) to the next stage over parallel
+  lanes, one per link where the two rectangles face each other: wavelets / lanes cycles per token.
+  Rectangles that do not touch route their lanes across the PEs in between, and lanes of different
+  transfers that cross the same PEs in the same orientation share their links (contention).
+- Stages overlap perfectly: a stage's time per token is the max of its compute and its transfers.
+- Training runs forward and backward through the same stages: 3x the forward FLOPs, and gradients
+  flow back on the opposite links (which are separate: links are directed).
+- SRAM per PE: inference holds 16-bit weights and the KV cache of one sequence; training holds 16
+  bytes per parameter (16-bit weights and gradients, 32-bit master weights and two Adam moments) and
+  one sequence's activations for the backward pass.
+
+Built in: 10_placement
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from wafer.cost import reduce_colors, wavelets
+from wafer.hardware import Wafer, dtype_bytes
+from wafer.workload import Workload
+
+MODES = ("inference", "training")
+TRAINING_BYTES_PER_PARAM = 16  # fp16 weight + fp16 gradient + fp32 master + fp32 Adam m and v
+
+
+@dataclass(frozen=True)
+class Rect:
+    """A rectangle of PEs: columns x .. x + w - 1, rows y .. y + h - 1.
+
+    Built in: 10_placement
+    """
+
+    x: int
+    y: int
+    w: int
+    h: int
+
+    def __post_init__(self):
+        for name in ("x", "y", "w", "h"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise ValueError(f"rectangle {name}={value!r} must be an integer")
+        if self.x < 0 or self.y < 0:
+            raise ValueError(f"rectangle at ({self.x}, {self.y}) has a negative corner")
+        if self.w < 1 or self.h < 1:
+            raise ValueError(f"rectangle {self.w} x {self.h} at ({self.x}, {self.y}) is empty: width and "
+                             f"height must be at least 1")
+
+    @property
+    def area(self) -> int:
+        return self.w * self.h
+
+    @property
+    def x1(self) -> int:
+        return self.x + self.w
+
+    @property
+    def y1(self) -> int:
+        return self.y + self.h
+
+    def overlaps(self, other: Rect) -> bool:
+        return self.x < other.x1 and other.x < self.x1 and self.y < other.y1 and other.y < self.y1
+
+    def inside(self, width: int, height: int) -> bool:
+        return self.x1 <= width and self.y1 <= height
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: a group of a workload's ops that gets one rectangle."""
+
+    name: str
+    flops: float  # forward FLOPs per token (every op kind)
+    params: int  # parameters it holds
+    act_elems: int  # elements it writes per token (kept for the backward pass in training)
+    out_elems: int  # elements it sends to the next stage per token
+    kv_elems: int = 0  # K and V elements per token of context (attention layers)
+
+
+def pipeline_stages(workload: Workload) -> list[Stage]:
+    """One stage per layer of ``workload``: the embeddings, each block, and the head.
+
+    The head reads the tied token embedding; on the wafer both the embedding stage and the head
+    stage hold a copy of that matrix (an assumption: the lookup and the product sit at opposite
+    ends of the pipeline).
+
+    Built in: 10_placement
+    """
+    out = []
+    c = workload.n_embd
+    for layer, ops in workload.layers().items():
+        name = "embed" if layer < 0 else "head" if layer == workload.n_layer else f"h{layer}"
+        out.append(Stage(
+            name=name,
+            flops=sum(op.flops for op in ops),
+            params=sum(op.weight_params + op.reads_params for op in ops),
+            act_elems=sum(op.activation_elems for op in ops),
+            out_elems=0 if name == "head" else c,
+            kv_elems=2 * c if name.startswith("h") else 0,
+        ))
+    return out
+
+
+def stage_bytes(stage: Stage, mode: str, context: int, dtype: str = "fp16") -> int:
+    """SRAM a stage needs in ``mode`` (see the module's assumptions)."""
+    b = dtype_bytes(dtype)
+    if mode == "inference":
+        return stage.params * b + stage.kv_elems * context * b
+    if mode == "training":
+        return stage.params * TRAINING_BYTES_PER_PARAM + stage.act_elems * context * b
+    raise ValueError(f"mode={mode!r} is not one of {MODES}")
+
+
+def stage_flops(stage: Stage, mode: str) -> float:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of {MODES}")
+    return stage.flops * (3.0 if mode == "training" else 1.0)
+
+
+def check_model_fits(stages: list[Stage], wafer: Wafer, mode: str, context: int, dtype: str = "fp16") -> None:
+    """Raise if no placement can hold the model: name the layer at which SRAM runs out.
+
+    Built in: 10_placement
+    """
+    available = wafer.pes * wafer.sram_bytes_per_pe
+    need = 0
+    for s in stages:
+        own = stage_bytes(s, mode, context, dtype)
+        if own > available:
+            raise ValueError(f"layer {s.name} alone needs {own:,} bytes of SRAM in {mode}; the {wafer.name} "
+                             f"grid has {available:,}")
+        need += math.ceil(own / wafer.sram_bytes_per_pe) * wafer.sram_bytes_per_pe  # whole PEs
+        if need > available:
+            raise ValueError(f"the model does not fit in {mode}: up to layer {s.name} it needs {need:,} "
+                             f"bytes of SRAM (in whole PEs), and the {wafer.name} grid has {available:,}")
+
+
+@dataclass
+class Placement:
+    """Stages and their rectangles on a wafer, for a mode, context and number format.
+
+    Built in: 10_placement
+    """
+
+    wafer: Wafer
+    stages: list[Stage]
+    rects: list[Rect]
+    mode: str = "inference"
+    context: int = 1024
+    dtype: str = "fp16"
+    strategy: str = ""
+
+    def __post_init__(self):
+        if len(self.rects) != len(self.stages):
+            raise ValueError(f"{len(self.rects)} rectangles for {len(self.stages)} stages: one each")
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
+        for s, r in zip(self.stages, self.rects):
+            if not r.inside(self.wafer.width, self.wafer.height):
+                raise ValueError(f"stage {s.name}'s rectangle {r} leaves the {self.wafer.width} x "
+                                 f"{self.wafer.height} grid")
+        order = sorted(range(len(self.rects)), key=lambda i: (self.rects[i].x, self.rects[i].y))
+        for a_i, a in enumerate(order):  # a sweep: only rectangles that start before a ends can overlap
+            ra = self.rects[a]
+            for b in order[a_i + 1:]:
+                rb = self.rects[b]
+                if rb.x >= ra.x1:
+                    break
+                if ra.overlaps(rb):
+                    raise ValueError(f"stages {self.stages[a].name} and {self.stages[b].name} overlap: {ra} "
+                                     f"and {rb}")
+
+
+@dataclass
+class Evaluation:
+    """What a placement achieves. Times are cycles per token.
+
+    Built in: 10_placement
+    """
+
+    compute: np.ndarray
+    transfer: np.ndarray  # out of each stage (0 for the last)
+    stage: np.ndarray  # max of compute, transfer in, transfer out
+    hops: np.ndarray  # out of each stage
+    sram_per_pe: np.ndarray  # bytes
+    colors: np.ndarray  # the most colors any PE of the stage routes
+    tokens_per_s: float
+    latency_s: float
+    utilisation: float  # achieved FLOP/s over the peak of the whole grid
+    compute_bound_tokens_per_s: float  # every PE busy: total FLOPs / peak
+    bottleneck: int
+    limit: str  # "compute", "transfer" or "memory"/"colors" when infeasible
+    feasible: bool
+    problems: list[str] = field(default_factory=list)
+
+
+def _transfer_band(a: Rect, b: Rect):
+    """How a transfer from ``a`` to ``b`` crosses the mesh: (lanes, hops, orientation, links, pes).
+    Orientation 0 uses vertical links, 1 horizontal. ``links`` (x0, x1, y0, y1) is the box of links
+    it crosses, a link indexed by the PE it enters (from the north, or from the west); ``pes`` is
+    the box of PEs that route its lanes, endpoints included."""
+    ox = min(a.x1, b.x1) - max(a.x, b.x)
+    oy = min(a.y1, b.y1) - max(a.y, b.y)
+    if ox > 0:  # one above the other: lanes run down (or up) the shared columns
+        top, bottom = (a, b) if a.y < b.y else (b, a)
+        x0, x1 = max(a.x, b.x), min(a.x1, b.x1)
+        links, pes = (x0, x1, top.y1, bottom.y + 1), (x0, x1, top.y1 - 1, bottom.y + 1)
+        return ox, bottom.y - top.y1 + 1, 0, links, pes
+    if oy > 0:  # side by side: lanes run along the shared rows
+        left, right = (a, b) if a.x < b.x else (b, a)
+        y0, y1 = max(a.y, b.y), min(a.y1, b.y1)
+        links, pes = (left.x1, right.x + 1, y0, y1), (left.x1 - 1, right.x + 1, y0, y1)
+        return oy, right.x - left.x1 + 1, 1, links, pes
+    # diagonal: lanes as wide as the narrower side, counted over the bounding box (an approximation)
+    lanes = max(1, min(a.w, a.h, b.w, b.h))
+    dx = max(b.x - a.x1, a.x - b.x1, 0) + 1
+    dy = max(b.y - a.y1, a.y - b.y1, 0) + 1
+    box = (min(a.x, b.x), max(a.x1, b.x1), min(a.y, b.y), max(a.y1, b.y1))
+    return lanes, dx + dy, 0, box, box
+
+
+def evaluate(p: Placement) -> Evaluation:
+    """Stage times, throughput, latency, utilisation, SRAM and colors of a placement.
+
+    Built in: 10_placement
+    """
+    w = p.wafer
+    n = len(p.stages)
+    area = np.array([r.area for r in p.rects], dtype=float)
+    flops = np.array([stage_flops(s, p.mode) for s in p.stages])
+    rate = 2.0 * w.fmacs_per_cycle(p.dtype)  # FLOPs per PE per cycle
+    compute = flops / (rate * area)
+    # transfers, rasterised: how many transfers cross each link (per orientation), and how many
+    # route lanes through each PE
+    links = np.zeros((2, w.height + 1, w.width + 1), dtype=np.int32)
+    routed = np.zeros((w.height, w.width), dtype=np.int32)
+    bands = []
+    for i in range(n - 1):
+        lanes, h, orient, (x0, x1, y0, y1), (px0, px1, py0, py1) = _transfer_band(p.rects[i], p.rects[i + 1])
+        links[orient, y0:y1, x0:x1] += 1
+        routed[max(py0, 0):py1, max(px0, 0):px1] += 1
+        bands.append((lanes, h, orient, (x0, x1, y0, y1)))
+    transfer = np.zeros(n)
+    hops = np.zeros(n)
+    for i, (lanes, h, orient, (x0, x1, y0, y1)) in enumerate(bands):
+        share = int(links[orient, y0:y1, x0:x1].max())  # transfers that share this one's busiest link
+        transfer[i] = math.ceil(wavelets(p.stages[i].out_elems, p.dtype) / lanes) * share
+        hops[i] = h
+    directions = 2 if p.mode == "training" else 1  # gradients come back on routes of their own
+    internal = {}  # a stage's own GEMV: a broadcast color and a 2-level tree's (chapter 09)
+    colors = np.zeros(n, dtype=int)
+    for i, r in enumerate(p.rects):
+        if r.w not in internal:
+            internal[r.w] = 1 + reduce_colors(r.w, 2)
+        colors[i] = internal[r.w] + directions * int(routed[r.y:r.y1, r.x:r.x1].max())
+    transfer_in = np.concatenate([[0.0], transfer[:-1]])
+    stage = np.maximum.reduce([compute, transfer, transfer_in])
+    sram = np.array([stage_bytes(s, p.mode, p.context, p.dtype) for s in p.stages]) / area
+    problems = []
+    for s, r, b, c in zip(p.stages, p.rects, sram, colors):
+        if b > w.sram_bytes_per_pe:
+            problems.append(f"stage {s.name} needs {b:,.0f} bytes per PE on its {r.w} x {r.h} rectangle, "
+                            f"over the {w.sram_bytes_per_pe:,} of a PE")
+        if c > w.colors:
+            problems.append(f"stage {s.name} routes {c} colors at one PE, over the {w.colors} a PE has")
+    bottleneck = int(stage.argmax())
+    if problems:
+        limit = "memory" if any("bytes" in m for m in problems) else "colors"
+    else:
+        limit = "compute" if compute[bottleneck] >= stage[bottleneck] else "transfer"
+    slowest = float(stage.max())
+    total_flops = float(flops.sum())
+    tokens_per_s = w.clock_hz / slowest
+    return Evaluation(
+        compute=compute, transfer=transfer, stage=stage, hops=hops, sram_per_pe=sram, colors=colors,
+        tokens_per_s=tokens_per_s,
+        latency_s=float(stage.sum() + hops.sum() * w.hop_cycles) / w.clock_hz,
+        utilisation=total_flops * tokens_per_s / (w.pes * rate * w.clock_hz),
+        compute_bound_tokens_per_s=w.pes * rate * w.clock_hz / total_flops,
+        bottleneck=bottleneck, limit=limit, feasible=not problems, problems=problems)
+
+
+# --- strategies ---------------------------------------------------------------------------------------
+
+
+def _shares(weights, total: int, minimum=1) -> list[int]:
+    """Integers summing to ``total``, each at least its ``minimum`` (a number or one per weight), the
+    rest shared in proportion to ``weights`` minus what the minimum already gives (largest remainder)."""
+    n = len(weights)
+    minimum = np.broadcast_to(np.maximum(np.asarray(minimum, dtype=int), 1), (n,))
+    if total < minimum.sum():
+        raise ValueError(f"{total} rows or columns cannot give {n} stages the {int(minimum.sum())} they need")
+    weights = np.asarray(weights, dtype=float)
+    target = weights / weights.sum() * total if weights.sum() > 0 else np.full(n, total / n)
+    out = np.maximum(minimum, np.floor(target)).astype(int)
+    while out.sum() > total:  # the minimums pushed us over: take from the largest above their minimum
+        slack = np.where(out > minimum, out - target, -np.inf)
+        out[int(slack.argmax())] -= 1
+    for i in np.argsort(-(target - out))[: total - out.sum()]:
+        out[i] += 1
+    return [int(v) for v in out]
+
+
+def _groups(weights, columns: int) -> list[list[int]]:
+    """Split stage indices into ``columns`` contiguous, non-empty groups with near-equal weight sums."""
+    n = len(weights)
+    columns = max(1, min(columns, n))
+    cum = np.cumsum(weights, dtype=float)
+    total = cum[-1] if cum[-1] > 0 else n
+    if cum[-1] <= 0:
+        cum = np.arange(1, n + 1, dtype=float)
+    cuts = [0]
+    for k in range(1, columns):
+        target = total * k / columns
+        cut = int(np.searchsorted(cum, target)) + 1
+        cut = min(max(cut, cuts[-1] + 1), n - (columns - k))
+        cuts.append(cut)
+    cuts.append(n)
+    return [list(range(a, b)) for a, b in zip(cuts, cuts[1:])]
+
+
+def default_columns(n: int, wafer: Wafer) -> int:
+    """Columns of strips that make each of ``n`` equal strips about square."""
+    return int(min(n, max(1, round(math.sqrt(n * wafer.width / wafer.height)))))
+
+
+def strips(stages: list[Stage], wafer: Wafer, columns: int | None = None, serpentine: bool = False,
+           areas=None, mode: str = "inference", context: int = 1024, dtype: str = "fp16",
+           name: str = "", min_pes=None) -> Placement:
+    """Stages in layer order as horizontal strips, in ``columns`` side-by-side columns (top to
+    bottom in each; bottom to top in every other column if ``serpentine``, so that consecutive
+    layers always touch). Areas proportional to ``areas`` (equal by default).
+
+    Built in: 10_placement
+    """
+    n = len(stages)
+    columns = default_columns(n, wafer) if columns is None else columns
+    weights = np.ones(n) if areas is None else np.asarray(areas, dtype=float)
+    need = np.zeros(n, dtype=int) if min_pes is None else np.asarray(min_pes, dtype=int)
+    groups = _groups(weights, columns)
+    widths = _shares([weights[g].sum() for g in groups], wafer.width)
+    rects: list[Rect | None] = [None] * n
+    x = 0
+    for k, (group, width) in enumerate(zip(groups, widths)):
+        heights = _shares(weights[group], wafer.height, -(-need[group] // width))  # rows the memory needs
+        order = list(zip(group, heights))
+        y = 0
+        for i, h in (reversed(order) if serpentine and k % 2 else order):
+            rects[i] = Rect(x, y, width, h)
+            y += h
+        x += width
+    label = name or ("serpentine" if serpentine else "row strips")
+    return Placement(wafer, stages, rects, mode, context, dtype, label)
+
+
+def _min_pes(stages, wafer, mode, context, dtype) -> np.ndarray:
+    per_pe = wafer.sram_bytes_per_pe
+    return np.array([math.ceil(stage_bytes(s, mode, context, dtype) / per_pe) for s in stages])
+
+
+def balanced_areas(stages, wafer, mode="inference", context=1024, dtype="fp16") -> np.ndarray:
+    """PEs per stage proportional to its FLOPs, but never fewer than its weights need: the areas
+    that fill the grid with max(memory minimum, lambda x FLOPs), lambda found by bisection."""
+    check_model_fits(stages, wafer, mode, context, dtype)
+    need = _min_pes(stages, wafer, mode, context, dtype)
+    flops = np.array([stage_flops(s, mode) for s in stages])
+    lo, hi = 0.0, wafer.pes / max(flops.sum(), 1e-30)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.maximum(need, mid * flops).sum() <= wafer.pes else (lo, mid)
+    return np.maximum(need, lo * flops)
+
+
+def flop_proportional(stages, wafer, columns=None, mode="inference", context=1024, dtype="fp16") -> Placement:
+    """Serpentine strips whose areas follow each stage's FLOPs (and cover its memory).
+
+    Built in: 10_placement
+    """
+    areas = balanced_areas(stages, wafer, mode, context, dtype)
+    need = _min_pes(stages, wafer, mode, context, dtype)
+    return strips(stages, wafer, columns, True, areas, mode, context, dtype, "FLOP-proportional", need)
+
+
+def bisection(stages, wafer, mode="inference", context=1024, dtype="fp16") -> Placement:
+    """Recursive bisection: split the layers where their areas balance, split the rectangle across
+    its longer side in the same proportion, and recurse; neighbouring layers stay near each other.
+
+    Built in: 10_placement
+    """
+    areas = balanced_areas(stages, wafer, mode, context, dtype)
+    need = _min_pes(stages, wafer, mode, context, dtype)
+    rects: list[Rect | None] = [None] * len(stages)
+
+    def split(idx: list[int], r: Rect) -> None:
+        if len(idx) == 1:
+            rects[idx[0]] = r
+            return
+        cum = np.cumsum(areas[idx])
+        k = int(np.clip(np.searchsorted(cum, cum[-1] / 2) + 1, 1, len(idx) - 1))
+        left, right = idx[:k], idx[k:]
+        frac = cum[k - 1] / cum[-1]
+        side, across = (r.w, r.h) if r.w >= r.h else (r.h, r.w)
+        lo = max(1, -(-int(need[left].sum()) // across))  # enough lines for the left half's memory
+        hi = min(side - 1, side - -(-int(need[right].sum()) // across))
+        a = int(np.clip(round(side * frac), lo, max(lo, hi)))
+        if r.w >= r.h:
+            split(left, Rect(r.x, r.y, a, r.h))
+            split(right, Rect(r.x + a, r.y, r.w - a, r.h))
+        else:
+            split(left, Rect(r.x, r.y, r.w, a))
+            split(right, Rect(r.x, r.y + a, r.w, r.h - a))
+
+    split(list(range(len(stages))), Rect(0, 0, wafer.width, wafer.height))
+    return Placement(wafer, stages, rects, mode, context, dtype, "recursive bisection")
+
+
+STRATEGIES = {
+    "row strips": lambda st, w, **kw: strips(st, w, serpentine=False, **kw),
+    "serpentine": lambda st, w, **kw: strips(st, w, serpentine=True, **kw),
+    "FLOP-proportional": lambda st, w, **kw: flop_proportional(st, w, **kw),
+    "recursive bisection": lambda st, w, **kw: bisection(st, w, **kw),
+}
