@@ -14,6 +14,7 @@ from wafer.placement import (
     Rect,
     check_model_fits,
     evaluate,
+    optimize,
     pipeline_stages,
     stage_bytes,
     strips,
@@ -124,3 +125,29 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"layer embed alone needs 78,767,616 bytes of SRAM in inference; "
                                          r"the TOY grid has 50,331,648"):
         check_model_fits(stages_of(GPTConfig()), TOY, "inference", 1024)
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+@pytest.mark.parametrize("name", ["111M", "590M", "1.3B"])
+def test_optimizer_is_valid_feasible_and_at_least_the_best_simple_strategy(name, mode):
+    config = next(m.config for m in CEREBRAS_GPT if m.name == name)
+    s = stages_of(config)
+    simple = [evaluate(make(s, WSE2, mode=mode, context=2048)) for make in STRATEGIES.values()]
+    best = max(e.tokens_per_s for e in simple if e.feasible)
+    p = optimize(s, WSE2, mode=mode, context=2048)
+    assert_valid(p)
+    e = evaluate(p)
+    assert e.feasible and (e.sram_per_pe <= WSE2.sram_bytes_per_pe).all() and (e.colors <= WSE2.colors).all()
+    assert e.tokens_per_s >= best
+
+
+def test_column_rows_minimise_the_slowest_stage():
+    from wafer.placement import _column_rows
+
+    flops = np.array([1.0, 3.0, 2.0])
+    rows = _column_rows(flops, [0, 0, 0], width=1, height=12)
+    assert sum(rows) == 12 and rows == [2, 6, 4]
+    splits = [(a, b, 12 - a - b) for a in range(1, 11) for b in range(1, 12 - a)]
+    brute = min(max(flops / np.array(r)) for r in splits)
+    assert max(flops / np.array(rows)) == brute
+    assert _column_rows(flops, [5, 5, 5], width=1, height=12) is None  # memory needs 15 rows

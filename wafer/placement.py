@@ -27,6 +27,7 @@ Built in: 10_placement
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -437,3 +438,119 @@ STRATEGIES = {
     "FLOP-proportional": lambda st, w, **kw: flop_proportional(st, w, **kw),
     "recursive bisection": lambda st, w, **kw: bisection(st, w, **kw),
 }
+
+
+# --- the optimizer ----------------------------------------------------------------------------------------
+
+
+def _column_rows(flops, need_pes, width: int, height: int) -> list[int] | None:
+    """Rows per stage of one column of ``width`` that minimise its slowest stage's compute time: each
+    stage starts with the rows its memory needs, and every further row goes to the stage that is
+    slowest at that moment (optimal for a min-max of decreasing functions). None if they cannot fit."""
+    rows = [max(1, -(-int(p) // width)) for p in need_pes]
+    spare = height - sum(rows)
+    if spare < 0:
+        return None
+    heap = [(-f / r, i) for i, (f, r) in enumerate(zip(flops, rows))]
+    heapq.heapify(heap)
+    for _ in range(spare):
+        _, i = heapq.heappop(heap)
+        rows[i] += 1
+        heapq.heappush(heap, (-flops[i] / rows[i], i))
+    return rows
+
+
+def _refined(p: Placement, flops, need) -> Placement | None:
+    """Serpentine columns as in ``p``, improved by local search: each column's rows balanced by
+    :func:`_column_rows`, then moves accepted while they lower the slowest stage's compute time:
+    one PE of width from the fastest column to the slowest, or a stage across a column boundary."""
+    cols: dict[int, list[int]] = {}
+    for i, r in enumerate(p.rects):
+        cols.setdefault(r.x, []).append(i)
+    groups = [sorted(cols[x]) for x in sorted(cols)]
+    widths = [p.rects[g[0]].w for g in groups]
+    height = p.wafer.height
+
+    def layout(groups, widths):
+        worst, rows_all = [], []
+        for g, w in zip(groups, widths):
+            rows = _column_rows(flops[g], need[g], w, height) if w > 0 and g else None
+            if rows is None:
+                return None
+            rows_all.append(rows)
+            worst.append(max(flops[i] / (w * h) for i, h in zip(g, rows)))
+        return worst, rows_all
+
+    def moves(groups, widths, worst):
+        slow, fast = int(np.argmax(worst)), int(np.argmin(worst))
+        if slow != fast:
+            w = list(widths)
+            w[slow] += 1
+            w[fast] -= 1
+            yield groups, w
+        for k in range(len(groups) - 1):
+            a, b = groups[k], groups[k + 1]
+            if len(a) > 1:
+                yield groups[:k] + [a[:-1], [a[-1]] + b] + groups[k + 2:], widths
+            if len(b) > 1:
+                yield groups[:k] + [a + [b[0]], b[1:]] + groups[k + 2:], widths
+
+    state = layout(groups, widths)
+    if state is None:
+        return None
+    worst, rows_all = state
+    for _ in range(4 * p.wafer.width):
+        for g2, w2 in moves(groups, widths, worst):
+            trial = layout(g2, w2)
+            if trial is not None and max(trial[0]) < max(worst):
+                groups, widths, (worst, rows_all) = g2, w2, trial
+                break
+        else:
+            break
+    rects: list[Rect | None] = [None] * len(p.stages)
+    x = 0
+    for k, (g, w, rows) in enumerate(zip(groups, widths, rows_all)):
+        order = list(zip(g, rows))
+        y = 0
+        for i, h in (reversed(order) if k % 2 else order):
+            rects[i] = Rect(x, y, w, h)
+            y += h
+        x += w
+    return Placement(p.wafer, p.stages, rects, p.mode, p.context, p.dtype, "optimized")
+
+
+def optimize(stages: list[Stage], wafer: Wafer, mode: str = "inference", context: int = 1024,
+             dtype: str = "fp16") -> Placement:
+    """The placement with the highest throughput this search finds, among feasible ones: serpentine
+    columns (several column counts), areas balanced by FLOPs within the memory each stage needs,
+    rows re-balanced per column and column widths moved toward the slowest; the simple strategies
+    compete too.
+
+    Built in: 10_placement
+    """
+    check_model_fits(stages, wafer, mode, context, dtype)
+    need = _min_pes(stages, wafer, mode, context, dtype)
+    flops = np.array([stage_flops(s, mode) for s in stages])
+    areas = balanced_areas(stages, wafer, mode, context, dtype)
+    n = len(stages)
+    base = default_columns(n, wafer)
+    candidates = []
+    for c in sorted({max(1, min(n, base + d)) for d in (-2, -1, 0, 1, 2)}):
+        try:
+            start = strips(stages, wafer, c, True, areas, mode, context, dtype, "optimized", need)
+        except ValueError:
+            continue
+        refined = _refined(start, flops, need)
+        candidates += [p for p in (start, refined) if p is not None]
+    for make in STRATEGIES.values():
+        try:
+            candidates.append(make(stages, wafer, mode=mode, context=context, dtype=dtype))
+        except ValueError:
+            continue
+    scored = [(evaluate(p), p) for p in candidates]
+    feasible = [(e.tokens_per_s, i) for i, (e, _) in enumerate(scored) if e.feasible]
+    if not feasible:
+        raise ValueError(f"no placement found that fits the {wafer.name} grid in {mode}: "
+                         + scored[0][0].problems[0])
+    best = scored[max(feasible)[1]][1]
+    return Placement(best.wafer, best.stages, best.rects, mode, context, dtype, "optimized")
