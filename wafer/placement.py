@@ -9,8 +9,12 @@ shared with other stages' traffic.
 The model, its assumptions stated once:
 
 - A stage's compute takes FLOPs / (2 x FMACs per cycle x PEs) cycles per token: the stage's PEs
-  share its work evenly and run at peak (chapter 09 measured what a stage's own collectives cost;
-  here they are assumed hidden by pipelining over tokens).
+  share its work evenly and run at peak.
+- A stage's matrix products run as chapter 09's GEMV on its w x h rectangle: each product's input
+  streams down the w columns and its partial sums along the h rows. With tokens pipelined, what
+  limits throughput is the links' bandwidth, not the latency: per token, the inputs of all the
+  stage's products cost (their wavelets) / w cycles on the column links and the outputs / h on the
+  row links, the two in parallel ("internal"). Attention's products with the KV cache are local.
 - A stage sends its output activations (n_embd values per token) to the next stage over parallel
   lanes, one per link where the two rectangles face each other: wavelets / lanes cycles per token.
   Rectangles that do not touch route their lanes across the PEs in between, and lanes of different
@@ -93,6 +97,8 @@ class Stage:
     act_elems: int  # elements it writes per token (kept for the backward pass in training)
     out_elems: int  # elements it sends to the next stage per token
     kv_elems: int = 0  # K and V elements per token of context (attention layers)
+    matmul_in: int = 0  # elements its matrix products read per token, summed over the products
+    matmul_out: int = 0  # elements they write per token
 
 
 def pipeline_stages(workload: Workload) -> list[Stage]:
@@ -115,6 +121,8 @@ def pipeline_stages(workload: Workload) -> list[Stage]:
             act_elems=sum(op.activation_elems for op in ops),
             out_elems=0 if name == "head" else c,
             kv_elems=2 * c if name.startswith("h") else 0,
+            matmul_in=sum(op.inputs for op in ops),
+            matmul_out=sum(op.activation_elems for op in ops if op.kind == "matmul"),
         ))
     return out
 
@@ -197,8 +205,9 @@ class Evaluation:
     """
 
     compute: np.ndarray
+    internal: np.ndarray  # the stage's own broadcasts and reductions
     transfer: np.ndarray  # out of each stage (0 for the last)
-    stage: np.ndarray  # max of compute, transfer in, transfer out
+    stage: np.ndarray  # max of compute, internal, transfer in, transfer out
     hops: np.ndarray  # out of each stage
     sram_per_pe: np.ndarray  # bytes
     colors: np.ndarray  # the most colors any PE of the stage routes
@@ -207,7 +216,7 @@ class Evaluation:
     utilisation: float  # achieved FLOP/s over the peak of the whole grid
     compute_bound_tokens_per_s: float  # every PE busy: total FLOPs / peak
     bottleneck: int
-    limit: str  # "compute", "transfer" or "memory"/"colors" when infeasible
+    limit: str  # "compute", "internal", "transfer"; or "memory" or "colors" when infeasible
     feasible: bool
     problems: list[str] = field(default_factory=list)
 
@@ -237,6 +246,15 @@ def _transfer_band(a: Rect, b: Rect):
     return lanes, dx + dy, 0, box, box
 
 
+def _internal_cycles(stage: Stage, w: int, h: int, dtype: str) -> float:
+    """Cycles per token the stage's GEMVs keep its column and row links busy (see the module)."""
+    down = wavelets(stage.matmul_in, dtype) / w
+    along = wavelets(stage.matmul_out, dtype) / h
+    # training's backward streams the same amounts the opposite way (output gradients back along
+    # the rows, input gradients up the columns): other directed links, so no extra time
+    return max(down, along)
+
+
 def evaluate(p: Placement) -> Evaluation:
     """Stage times, throughput, latency, utilisation, SRAM and colors of a placement.
 
@@ -248,13 +266,15 @@ def evaluate(p: Placement) -> Evaluation:
     flops = np.array([stage_flops(s, p.mode) for s in p.stages])
     rate = 2.0 * w.fmacs_per_cycle(p.dtype)  # FLOPs per PE per cycle
     compute = flops / (rate * area)
+    internal = np.array([_internal_cycles(s, r.w, r.h, p.dtype) for s, r in zip(p.stages, p.rects)])
     # transfers, rasterised: how many transfers cross each link (per orientation), and how many
     # route lanes through each PE
     links = np.zeros((2, w.height + 1, w.width + 1), dtype=np.int32)
     routed = np.zeros((w.height, w.width), dtype=np.int32)
     bands = []
     for i in range(n - 1):
-        lanes, h, orient, (x0, x1, y0, y1), (px0, px1, py0, py1) = _transfer_band(p.rects[i], p.rects[i + 1])
+        band = _transfer_band(p.rects[i], p.rects[i + 1])
+        lanes, h, orient, (x0, x1, y0, y1), (px0, px1, py0, py1) = band
         links[orient, y0:y1, x0:x1] += 1
         routed[max(py0, 0):py1, max(px0, 0):px1] += 1
         bands.append((lanes, h, orient, (x0, x1, y0, y1)))
@@ -265,14 +285,14 @@ def evaluate(p: Placement) -> Evaluation:
         transfer[i] = math.ceil(wavelets(p.stages[i].out_elems, p.dtype) / lanes) * share
         hops[i] = h
     directions = 2 if p.mode == "training" else 1  # gradients come back on routes of their own
-    internal = {}  # a stage's own GEMV: a broadcast color and a 2-level tree's (chapter 09)
+    own = {}  # colors of a stage's own GEMV: a broadcast color and a 2-level tree's (chapter 09)
     colors = np.zeros(n, dtype=int)
     for i, r in enumerate(p.rects):
-        if r.w not in internal:
-            internal[r.w] = 1 + reduce_colors(r.w, 2)
-        colors[i] = internal[r.w] + directions * int(routed[r.y:r.y1, r.x:r.x1].max())
+        if r.w not in own:
+            own[r.w] = 1 + reduce_colors(r.w, 2)
+        colors[i] = own[r.w] + directions * int(routed[r.y:r.y1, r.x:r.x1].max())
     transfer_in = np.concatenate([[0.0], transfer[:-1]])
-    stage = np.maximum.reduce([compute, transfer, transfer_in])
+    stage = np.maximum.reduce([compute, internal, transfer, transfer_in])
     sram = np.array([stage_bytes(s, p.mode, p.context, p.dtype) for s in p.stages]) / area
     problems = []
     for s, r, b, c in zip(p.stages, p.rects, sram, colors):
@@ -285,12 +305,14 @@ def evaluate(p: Placement) -> Evaluation:
     if problems:
         limit = "memory" if any("bytes" in m for m in problems) else "colors"
     else:
-        limit = "compute" if compute[bottleneck] >= stage[bottleneck] else "transfer"
+        limit = ("compute" if compute[bottleneck] >= stage[bottleneck] else
+                 "internal" if internal[bottleneck] >= stage[bottleneck] else "transfer")
     slowest = float(stage.max())
     total_flops = float(flops.sum())
     tokens_per_s = w.clock_hz / slowest
     return Evaluation(
-        compute=compute, transfer=transfer, stage=stage, hops=hops, sram_per_pe=sram, colors=colors,
+        compute=compute, internal=internal, transfer=transfer, stage=stage, hops=hops, sram_per_pe=sram,
+        colors=colors,
         tokens_per_s=tokens_per_s,
         latency_s=float(stage.sum() + hops.sum() * w.hop_cycles) / w.clock_hz,
         utilisation=total_flops * tokens_per_s / (w.pes * rate * w.clock_hz),
@@ -443,26 +465,32 @@ STRATEGIES = {
 # --- the optimizer ----------------------------------------------------------------------------------------
 
 
-def _column_rows(flops, need_pes, width: int, height: int) -> list[int] | None:
-    """Rows per stage of one column of ``width`` that minimise its slowest stage's compute time: each
-    stage starts with the rows its memory needs, and every further row goes to the stage that is
-    slowest at that moment (optimal for a min-max of decreasing functions). None if they cannot fit."""
+def _column_rows(time, stages: list[int], need_pes, width: int, height: int) -> list[int] | None:
+    """Rows for the ``stages`` of one column of ``width`` that minimise the slowest one's
+    ``time(i, w, h)`` (non-increasing in h). Each starts with the rows its memory needs; every
+    further row goes to the stage that is slowest at that moment, unless a row would not speed it up
+    (its time is bound by its width), and then to the next slowest. None if the memory does not fit."""
     rows = [max(1, -(-int(p) // width)) for p in need_pes]
     spare = height - sum(rows)
     if spare < 0:
         return None
-    heap = [(-f / r, i) for i, (f, r) in enumerate(zip(flops, rows))]
+    heap = [(-time(i, width, r), k) for k, (i, r) in enumerate(zip(stages, rows))]
     heapq.heapify(heap)
-    for _ in range(spare):
-        _, i = heapq.heappop(heap)
-        rows[i] += 1
-        heapq.heappush(heap, (-flops[i] / rows[i], i))
+    while spare and heap:
+        _, k = heapq.heappop(heap)
+        now, more = time(stages[k], width, rows[k]), time(stages[k], width, rows[k] + 1)
+        if more < now:
+            rows[k] += 1
+            spare -= 1
+            heapq.heappush(heap, (-more, k))
+    if spare:  # every stage is bound by its width: the rows left over go to the one with most FLOPs
+        rows[int(np.argmax([time(i, width, 1) for i in stages]))] += spare
     return rows
 
 
-def _refined(p: Placement, flops, need) -> Placement | None:
+def _refined(p: Placement, time, need) -> Placement | None:
     """Serpentine columns as in ``p``, improved by local search: each column's rows balanced by
-    :func:`_column_rows`, then moves accepted while they lower the slowest stage's compute time:
+    :func:`_column_rows`, then moves accepted while they lower the slowest stage's ``time``:
     one PE of width from the fastest column to the slowest, or a stage across a column boundary."""
     cols: dict[int, list[int]] = {}
     for i, r in enumerate(p.rects):
@@ -474,11 +502,11 @@ def _refined(p: Placement, flops, need) -> Placement | None:
     def layout(groups, widths):
         worst, rows_all = [], []
         for g, w in zip(groups, widths):
-            rows = _column_rows(flops[g], need[g], w, height) if w > 0 and g else None
+            rows = _column_rows(time, g, need[g], w, height) if w > 0 and g else None
             if rows is None:
                 return None
             rows_all.append(rows)
-            worst.append(max(flops[i] / (w * h) for i, h in zip(g, rows)))
+            worst.append(max(time(i, w, h) for i, h in zip(g, rows)))
         return worst, rows_all
 
     def moves(groups, widths, worst):
@@ -531,6 +559,11 @@ def optimize(stages: list[Stage], wafer: Wafer, mode: str = "inference", context
     check_model_fits(stages, wafer, mode, context, dtype)
     need = _min_pes(stages, wafer, mode, context, dtype)
     flops = np.array([stage_flops(s, mode) for s in stages])
+    rate = 2.0 * wafer.fmacs_per_cycle(dtype)
+
+    def time(i: int, w: int, h: int) -> float:  # a stage's compute and internal cycles per token
+        return max(flops[i] / (rate * w * h), _internal_cycles(stages[i], w, h, dtype))
+
     areas = balanced_areas(stages, wafer, mode, context, dtype)
     n = len(stages)
     base = default_columns(n, wafer)
@@ -540,7 +573,7 @@ def optimize(stages: list[Stage], wafer: Wafer, mode: str = "inference", context
             start = strips(stages, wafer, c, True, areas, mode, context, dtype, "optimized", need)
         except ValueError:
             continue
-        refined = _refined(start, flops, need)
+        refined = _refined(start, time, need)
         candidates += [p for p in (start, refined) if p is not None]
     for make in STRATEGIES.values():
         try:

@@ -44,6 +44,11 @@ class Op:
     activation_elems: int  # elements the op writes per token
     reads_params: int = 0  # parameters the op reads but does not own (the tied head)
 
+    @property
+    def inputs(self) -> int:
+        """Elements a matrix product reads per token (its FLOPs are 2 x inputs x outputs); 0 otherwise."""
+        return int(self.flops // (2 * self.activation_elems)) if self.kind == "matmul" else 0
+
 
 @dataclass
 class Workload:
