@@ -379,10 +379,9 @@ def gemm(A: np.ndarray, B: np.ndarray, grid: int, method: str = "summa", wafer: 
     # Cannon: PE at logical (i, j) starts with A(i, i + j) and B(i + j, j), and shifts A one step west
     # and B one step north along a logical ring, P - 1 times.
     ring = interleaved_ring(P) if method == "interleave" else list(range(P))
-    place = {logical: physical for logical, physical in enumerate(ring)}
     for j in range(P):
         for i in range(P):
-            pe = (place[j], place[i])
+            pe = (ring[j], ring[i])
             mesh.store(pe, "A", blk_a(i, (i + j) % P))
             mesh.store(pe, "B", blk_b((i + j) % P, j))
             mesh.store(pe, "C", np.zeros((bm, bn)))
@@ -404,5 +403,5 @@ def gemm(A: np.ndarray, B: np.ndarray, grid: int, method: str = "summa", wafer: 
                             Recv(recv[("A", pe)], "A", bm * bk), Recv(recv[("B", pe)], "B", bk * bn)]
             mesh.program(pe, ops)
     report = mesh.run()
-    return _gather(mesh, P, bm, bn, place), report
+    return _gather(mesh, P, bm, bn, ring), report
 

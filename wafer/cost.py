@@ -17,6 +17,7 @@ Built in: 08_wafer (roofline, memory), 09_mesh (collectives)
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -79,6 +80,7 @@ def check_routable(colors: int, wafer: Wafer, what: str = "the algorithm") -> No
                          f"{wafer.colors}")
 
 
+@functools.lru_cache(maxsize=4096)
 def reduce_colors(n: int, levels: int = 1) -> int:
     """Colors the busiest PE routes in a reduction over a line of ``n`` PEs (2 for a chain: one in,
     one out; more where a tree's longer hops pass over PEs)."""

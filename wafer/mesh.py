@@ -194,8 +194,9 @@ class Mesh:
     def store(self, pe, name: str, values) -> None:
         """Put ``values`` (float64 in the simulator; 4 bytes each in the SRAM count) in PE memory."""
         i = self._pe(pe)
-        values = np.array(values, dtype=np.float64).reshape(-1) if np.ndim(values) < 2 else \
-            np.array(values, dtype=np.float64)
+        values = np.array(values, dtype=np.float64)
+        if values.ndim < 2:
+            values = values.reshape(-1)
         used = self.sram_used(pe) - self.memory[i].get(name, np.empty(0)).size * WORD_BYTES
         need = values.size * WORD_BYTES
         cap = self.wafer.sram_bytes_per_pe
@@ -404,18 +405,15 @@ class Mesh:
                     task.pos += 1
                 advance(task, t)
                 last = t
+            entering = []  # from each PE's ramp first, then from the links, in arrival order
             for i in list(ramp_active):
                 q = ramp_out[i]
                 color, value = q.popleft()
                 if not q:
                     ramp_active.discard(i)
-                r = compiled.get((i, color))
-                if r is None or RAMP not in r[0]:
-                    raise misrouted(i, RAMP, color, t)
-                for key, q in r[1]:
-                    q.append((color, value))
-                    out_active.add(key)
-            for i, came_from, color, value in moving:
+                entering.append((i, RAMP, color, value))
+            entering.extend(moving)
+            for i, came_from, color, value in entering:
                 r = compiled.get((i, color))
                 if r is None or came_from not in r[0]:
                     raise misrouted(i, came_from, color, t)

@@ -285,12 +285,9 @@ def evaluate(p: Placement) -> Evaluation:
         transfer[i] = math.ceil(wavelets(p.stages[i].out_elems, p.dtype) / lanes) * share
         hops[i] = h
     directions = 2 if p.mode == "training" else 1  # gradients come back on routes of their own
-    own = {}  # colors of a stage's own GEMV: a broadcast color and a 2-level tree's (chapter 09)
     colors = np.zeros(n, dtype=int)
-    for i, r in enumerate(p.rects):
-        if r.w not in own:
-            own[r.w] = 1 + reduce_colors(r.w, 2)
-        colors[i] = own[r.w] + directions * int(routed[r.y:r.y1, r.x:r.x1].max())
+    for i, r in enumerate(p.rects):  # a stage's own GEMV: a broadcast color and a 2-level tree's (chapter 09)
+        colors[i] = 1 + reduce_colors(r.w, 2) + directions * int(routed[r.y:r.y1, r.x:r.x1].max())
     transfer_in = np.concatenate([[0.0], transfer[:-1]])
     stage = np.maximum.reduce([compute, internal, transfer, transfer_in])
     sram = np.array([stage_bytes(s, p.mode, p.context, p.dtype) for s in p.stages]) / area
@@ -359,6 +356,22 @@ def _groups(weights, columns: int) -> list[list[int]]:
     return [list(range(a, b)) for a, b in zip(cuts, cuts[1:])]
 
 
+def _columns(groups: list[list[int]], widths: list[int], rows: list[list[int]],
+             serpentine: bool) -> list[Rect]:
+    """Rectangles for stage groups laid out as side-by-side columns of the given widths, each column
+    stacking its stages' rows top to bottom (bottom to top in every other column if ``serpentine``)."""
+    rects: dict[int, Rect] = {}
+    x = 0
+    for k, (group, width, heights) in enumerate(zip(groups, widths, rows)):
+        order = list(zip(group, heights))
+        y = 0
+        for i, h in (reversed(order) if serpentine and k % 2 else order):
+            rects[i] = Rect(x, y, width, h)
+            y += h
+        x += width
+    return [rects[i] for i in range(len(rects))]
+
+
 def default_columns(n: int, wafer: Wafer) -> int:
     """Columns of strips that make each of ``n`` equal strips about square."""
     return int(min(n, max(1, round(math.sqrt(n * wafer.width / wafer.height)))))
@@ -379,16 +392,9 @@ def strips(stages: list[Stage], wafer: Wafer, columns: int | None = None, serpen
     need = np.zeros(n, dtype=int) if min_pes is None else np.asarray(min_pes, dtype=int)
     groups = _groups(weights, columns)
     widths = _shares([weights[g].sum() for g in groups], wafer.width)
-    rects: list[Rect | None] = [None] * n
-    x = 0
-    for k, (group, width) in enumerate(zip(groups, widths)):
-        heights = _shares(weights[group], wafer.height, -(-need[group] // width))  # rows the memory needs
-        order = list(zip(group, heights))
-        y = 0
-        for i, h in (reversed(order) if serpentine and k % 2 else order):
-            rects[i] = Rect(x, y, width, h)
-            y += h
-        x += width
+    # each stage gets at least the rows its memory needs at its column's width
+    rows = [_shares(weights[g], wafer.height, -(-need[g] // w)) for g, w in zip(groups, widths)]
+    rects = _columns(groups, widths, rows, serpentine)
     label = name or ("serpentine" if serpentine else "row strips")
     return Placement(wafer, stages, rects, mode, context, dtype, label)
 
@@ -535,15 +541,7 @@ def _refined(p: Placement, time, need) -> Placement | None:
                 break
         else:
             break
-    rects: list[Rect | None] = [None] * len(p.stages)
-    x = 0
-    for k, (g, w, rows) in enumerate(zip(groups, widths, rows_all)):
-        order = list(zip(g, rows))
-        y = 0
-        for i, h in (reversed(order) if k % 2 else order):
-            rects[i] = Rect(x, y, w, h)
-            y += h
-        x += w
+    rects = _columns(groups, widths, rows_all, serpentine=True)
     return Placement(p.wafer, p.stages, rects, p.mode, p.context, p.dtype, "optimized")
 
 
@@ -556,7 +554,7 @@ def optimize(stages: list[Stage], wafer: Wafer, mode: str = "inference", context
 
     Built in: 10_placement
     """
-    check_model_fits(stages, wafer, mode, context, dtype)
+    areas = balanced_areas(stages, wafer, mode, context, dtype)  # raises if the model cannot fit
     need = _min_pes(stages, wafer, mode, context, dtype)
     flops = np.array([stage_flops(s, mode) for s in stages])
     rate = 2.0 * wafer.fmacs_per_cycle(dtype)
@@ -564,7 +562,6 @@ def optimize(stages: list[Stage], wafer: Wafer, mode: str = "inference", context
     def time(i: int, w: int, h: int) -> float:  # a stage's compute and internal cycles per token
         return max(flops[i] / (rate * w * h), _internal_cycles(stages[i], w, h, dtype))
 
-    areas = balanced_areas(stages, wafer, mode, context, dtype)
     n = len(stages)
     base = default_columns(n, wafer)
     candidates = []
