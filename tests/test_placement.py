@@ -14,8 +14,10 @@ from wafer.placement import (
     Rect,
     check_model_fits,
     evaluate,
+    explorer_models,
     optimize,
     pipeline_stages,
+    simulate,
     stage_bytes,
     strips,
 )
@@ -85,7 +87,7 @@ def test_every_strategy_gives_a_valid_placement_and_balanced_ones_fit(name, mode
         assert e.feasible, e.problems
         assert (e.sram_per_pe <= WSE2.sram_bytes_per_pe).all() and (e.colors <= WSE2.colors).all()
         assert e.tokens_per_s > results["row strips"].tokens_per_s  # balancing beats equal areas
-        assert 0.9 < e.utilisation <= 1.0
+        assert 0.8 < e.utilisation <= 1.0
 
 
 def test_evaluation_arithmetic_on_two_stacked_strips():
@@ -98,9 +100,12 @@ def test_evaluation_arithmetic_on_two_stacked_strips():
     assert e.compute[0] == s[0].flops / (rate * 64) and e.compute[1] == s[0].flops / (rate * 192)
     assert e.transfer[0] == 64 / 16  # 64 fp32 values over the 16 links the strips share
     assert e.hops[0] == 1 and e.bottleneck == 0 and e.limit == "compute"
-    # each stage's GEMVs: inputs stream down its 16 columns, outputs along its rows
+    # each stage's GEMVs: a PE's ramp takes its column's share of the inputs (16 columns) and its
+    # row's share of the outputs (4 rows); the senders at the bottom add a lane's 4 to their share
+    # of the outputs only (the inputs enter at the top)
     s0 = s[0]
-    assert e.internal[0] == max(s0.matmul_in / 16, s0.matmul_out / 4)
+    assert e.internal[0] == s0.matmul_in / 16 + s0.matmul_out / 4
+    assert e.internal[1] == s0.matmul_in / 16 + s0.matmul_out / 12
     assert (s0.matmul_in, s0.matmul_out) == (7 * 64, 9 * 64)  # QKV, proj, fc, fc-proj: 7C in, 9C out
     assert e.tokens_per_s == wafer.clock_hz / e.compute[0]
     # apart by 4 rows, a third stage between them: the transfer crosses its PEs
@@ -132,17 +137,20 @@ def test_bad_input():
 
 
 @pytest.mark.parametrize("mode", ["inference", "training"])
-@pytest.mark.parametrize("name", ["111M", "590M", "1.3B"])
-def test_optimizer_is_valid_feasible_and_at_least_the_best_simple_strategy(name, mode):
-    config = next(m.config for m in CEREBRAS_GPT if m.name == name)
-    s = stages_of(config)
-    simple = [evaluate(make(s, WSE2, mode=mode, context=2048)) for make in STRATEGIES.values()]
+@pytest.mark.parametrize("name", list(explorer_models()) + ["1.3B"])
+def test_optimizer_is_valid_feasible_and_beats_the_best_simple_strategy(name, mode):
+    """On WSE-2 the optimizer is strictly faster than every simple strategy for each model of the
+    explorer; on 1.3B training (not in the explorer) it may only tie."""
+    cerebras = {m.name: (m.config, 2048) for m in CEREBRAS_GPT}
+    config, context = explorer_models().get(name) or cerebras[name]
+    s = pipeline_stages(gpt_workload(config, context=context, dtype="fp16"))
+    simple = [evaluate(make(s, WSE2, mode=mode, context=context)) for make in STRATEGIES.values()]
     best = max(e.tokens_per_s for e in simple if e.feasible)
-    p = optimize(s, WSE2, mode=mode, context=2048)
+    p = optimize(s, WSE2, mode=mode, context=context)
     assert_valid(p)
     e = evaluate(p)
     assert e.feasible and (e.sram_per_pe <= WSE2.sram_bytes_per_pe).all() and (e.colors <= WSE2.colors).all()
-    assert e.tokens_per_s >= best
+    assert e.tokens_per_s > best or (name == "1.3B" and e.tokens_per_s >= best)
 
 
 def test_column_rows_minimise_the_slowest_stage():
@@ -159,3 +167,54 @@ def test_column_rows_minimise_the_slowest_stage():
     brute = min(max(time(i, 1, h) for i, h in enumerate(r)) for r in splits)
     assert sum(rows) == 12 and max(time(i, 1, h) for i, h in enumerate(rows)) == brute
     assert _column_rows(time, [0, 1, 2], [5, 5, 5], width=1, height=12) is None  # memory needs 15 rows
+
+
+SIMULATED = [GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=64),  # bound by ramps
+             GPTConfig(n_layer=4, n_head=2, n_embd=64, block_size=64, vocab_size=128)]  # by compute
+
+
+@pytest.mark.parametrize("config", SIMULATED, ids=["ramp-bound", "compute-bound"])
+def test_simulated_throughput_agrees_with_the_evaluation_for_every_strategy(config):
+    """The issue's bound is 15%; measured, the two agree within 2% (the simulator's compute takes
+    whole cycles, and its first tokens fill the pipeline unevenly)."""
+    s = pipeline_stages(gpt_workload(config, context=64, dtype="fp16"))
+    makers = dict(STRATEGIES, optimized=optimize)
+    for name, make in makers.items():
+        p = make(s, TOY, context=64)
+        e = evaluate(p)
+        sim = simulate(p)
+        ratio = sim.cycles_per_token / e.stage.max()
+        assert 0.97 <= ratio <= 1.05, (name, ratio)
+        assert sim.report.colors <= TOY.colors
+
+
+def test_simulated_lanes_are_where_the_evaluation_puts_them():
+    from wafer.placement import _lane_ends, _lanes
+
+    a, b = Rect(0, 0, 2, 2), Rect(2, 2, 30, 30)  # apart diagonally: L-shaped lanes
+    lanes = _lanes(a, b)
+    assert lanes == [[(1, 1), (1, 2), (2, 2)], [(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)]]
+    assert all(len(set(x) & set(y)) == 0 for x in lanes for y in lanes if x is not y)  # they never cross
+    xs, ys, xb, yb = _lane_ends(Rect(0, 0, 4, 4), Rect(2, 6, 4, 4))  # shared columns 2, 3
+    assert xs.tolist() == [2, 3] and ys.tolist() == [3, 3] and yb.tolist() == [6, 6]
+    with pytest.raises(ValueError, match="inference"):
+        rects = [Rect(2 * i, 0, 2, 2) for i in range(4)]
+        simulate(Placement(TOY, stages_of(SIMULATED[0]), rects, mode="training"))
+
+
+@settings(max_examples=15, deadline=None)
+@given(n_layer=st.integers(1, 8), n_embd=st.sampled_from([32, 64]), width=st.integers(12, 40),
+       height=st.integers(12, 40), mode=st.sampled_from(["inference", "training"]))
+def test_optimized_placements_are_valid_and_within_limits(n_layer, n_embd, width, height, mode):
+    config = GPTConfig(n_layer=n_layer, n_head=2, n_embd=n_embd, block_size=64, vocab_size=64)
+    wafer = TOY.with_grid(width, height)
+    s = pipeline_stages(gpt_workload(config, context=64, dtype="fp16"))
+    try:
+        p = optimize(s, wafer, mode=mode, context=64)
+    except ValueError as e:  # the model does not fit, or no placement found fits: said so
+        assert "fit" in str(e)
+        return
+    assert_valid(p)
+    e = evaluate(p)
+    assert e.feasible and (e.sram_per_pe <= wafer.sram_bytes_per_pe).all()
+    assert (e.colors <= wafer.colors).all()
