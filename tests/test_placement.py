@@ -12,6 +12,8 @@ from wafer.placement import (
     STRATEGIES,
     Placement,
     Rect,
+    against_traffic,
+    bisection,
     check_model_fits,
     evaluate,
     explorer_models,
@@ -175,8 +177,9 @@ SIMULATED = [GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size
 
 @pytest.mark.parametrize("config", SIMULATED, ids=["ramp-bound", "compute-bound"])
 def test_simulated_throughput_agrees_with_the_evaluation_for_every_strategy(config):
-    """The issue's bound is 15%; measured, the two agree within 2% (the simulator's compute takes
-    whole cycles, and its first tokens fill the pipeline unevenly)."""
+    """Within 15%. Measured: 0 to 11% slower than the evaluation over 3(n + 2) tokens (the
+    simulator's compute takes whole cycles, and its queues are still settling: over 72 tokens the
+    worst case, row strips on the ramp-bound model, comes within 3%)."""
     s = pipeline_stages(gpt_workload(config, context=64, dtype="fp16"))
     makers = dict(STRATEGIES, optimized=optimize)
     for name, make in makers.items():
@@ -184,7 +187,7 @@ def test_simulated_throughput_agrees_with_the_evaluation_for_every_strategy(conf
         e = evaluate(p)
         sim = simulate(p)
         ratio = sim.cycles_per_token / e.stage.max()
-        assert 0.97 <= ratio <= 1.05, (name, ratio)
+        assert 0.85 <= ratio <= 1.15, (name, ratio)
         assert sim.report.colors <= TOY.colors
 
 
@@ -218,3 +221,12 @@ def test_optimized_placements_are_valid_and_within_limits(n_layer, n_embd, width
     e = evaluate(p)
     assert e.feasible and (e.sram_per_pe <= wafer.sram_bytes_per_pe).all()
     assert (e.colors <= wafer.colors).all()
+
+
+def test_strips_never_route_lanes_against_a_stage_and_bisection_sometimes_does():
+    config, context = explorer_models()["Cerebras-GPT 256M"]
+    s = pipeline_stages(gpt_workload(config, context=context, dtype="fp16"))
+    for name in ("row strips", "serpentine", "FLOP-proportional"):
+        assert against_traffic(STRATEGIES[name](s, WSE2, context=context)) == []
+    crossed = against_traffic(bisection(s, WSE2, context=context))
+    assert crossed and all(" -> " in a for a, _ in crossed)

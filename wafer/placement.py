@@ -10,16 +10,22 @@ The model, its assumptions stated once:
 
 - A stage's compute takes FLOPs / (2 x FMACs per cycle x PEs) cycles per token: the stage's PEs
   share its work evenly and run at peak.
-- A stage's matrix products run as chapter 09's GEMV on its w x h rectangle: each product's input
-  streams down the w columns and its partial sums along the h rows. With tokens pipelined, what
-  limits throughput is the links' bandwidth, not the latency: per token, the inputs of all the
-  stage's products cost (their wavelets) / w cycles on the column links and the outputs / h on the
-  row links, the two in parallel ("internal"). Attention's products with the KV cache are local.
+- A stage's matrix products run as chapter 09's GEMV on its w x h rectangle: the top PE of each
+  column sends the column's share of every product's input down the column, and each row reduces
+  its share of the outputs in a chain toward its first column. With tokens pipelined, what limits
+  throughput is bandwidth, not latency, and the tightest link is a PE's **ramp**: a PE inside the
+  rectangle takes in ceil(input wavelets / w) + ceil(output wavelets / h) per token, one per cycle
+  ("internal"). The PEs where lanes start or end pass the lanes' wavelets through their ramps too.
+  Attention's products with the KV cache are local.
 - A stage sends its output activations (n_embd values per token) to the next stage over parallel
-  lanes, one per link where the two rectangles face each other: wavelets / lanes cycles per token.
-  Rectangles that do not touch route their lanes across the PEs in between, and lanes of different
-  transfers that cross the same PEs in the same orientation share their links (contention).
-- Stages overlap perfectly: a stage's time per token is the max of its compute and its transfers.
+  lanes, one per link where the two rectangles face each other: ceil(wavelets / lanes) cycles per
+  token. Rectangles that do not touch route their lanes across the PEs in between (in L shapes if
+  they share no row or column), and transfers whose lanes cross the same links in the same
+  orientation share them (contention). What the model leaves out: lanes that run through another
+  stage against its own traffic (south down its columns, or west along its rows; see
+  :func:`against_traffic`). Strips never route lanes that way; recursive bisection sometimes does.
+- Stages overlap perfectly: a stage's time per token is the max of its compute, its internal
+  traffic and its transfers in and out.
 - Training runs forward and backward through the same stages: 3x the forward FLOPs, and gradients
   flow back on the opposite links (which are separate: links are directed).
 - SRAM per PE: inference holds 16-bit weights and the KV cache of one sequence; training holds 16
@@ -386,17 +392,38 @@ def evaluate(p: Placement) -> Evaluation:
 # --- the placement on the simulator -------------------------------------------------------------------
 
 
+def against_traffic(p: Placement) -> list[tuple[str, str]]:
+    """The (transfer, stage) pairs the evaluation does not model: lanes of a transfer that pass
+    through another stage's PEs heading south or west, the directions of that stage's own
+    broadcasts and reductions. Empty for placements in columns of strips (tested); recursive
+    bisection makes some."""
+    owner = np.full((p.wafer.height, p.wafer.width), -1)
+    for i, r in enumerate(p.rects):
+        owner[r.y:r.y1, r.x:r.x1] = i
+    out = []
+    for i in range(len(p.stages) - 1):
+        hit = set()
+        for lane in _lanes(p.rects[i], p.rects[i + 1]):
+            for (x0, y0), (x1, y1) in zip(lane, lane[1:]):
+                j = owner[y1, x1]
+                if j not in (-1, i, i + 1) and (y1 > y0 or x1 < x0):
+                    hit.add(int(j))
+        out += [(f"{p.stages[i].name} -> {p.stages[i + 1].name}", p.stages[j].name) for j in sorted(hit)]
+    return out
+
+
 @dataclass
 class Simulated:
-    """A placement run on the mesh simulator: cycles per token in steady state, and the runs."""
+    """A placement run on the mesh simulator, and its cycles per token in steady state."""
 
-    cycles_per_token: float
+    cycles_per_token: float  # the slowest stage's
     tokens_per_s: float
-    cycles: dict  # tokens -> cycles of the whole run
-    report: object  # the longer run's Report
+    stage: np.ndarray  # each stage's cycles per token
+    tokens: int
+    report: object  # the run's Report
 
 
-def simulate(p: Placement, tokens: tuple[int, int] = (6, 12)) -> Simulated:
+def simulate(p: Placement, tokens: int | None = None) -> Simulated:
     """Run ``p`` (inference) on the mesh simulator, token by token, and measure its throughput.
 
     Every stage's rectangle runs its work for each token: its PEs hold its weights (as SRAM, to check
@@ -405,8 +432,14 @@ def simulate(p: Placement, tokens: tuple[int, int] = (6, 12)) -> Simulated:
     the outputs in a chain toward its first column; and the PEs on the side facing the next stage
     send the activations over the lanes of :func:`_lanes`, which the next stage's PEs on the facing
     side receive before they start. Lanes cross other stages' PEs on colors of their own, so they
-    contend with every other flow for links. Throughput is measured between a run of
-    ``tokens[0]`` and one of ``tokens[1]`` tokens, so the time to fill the pipeline cancels.
+    contend with every other flow for links.
+
+    Every PE does each kind of work (receiving, computing, reducing) once per token. Its rate is
+    measured over the last third of ``tokens`` (by default 3(n + 2) for n stages, so that the
+    pipeline has filled); a stage's cycles per token are those of its slowest work, and the slowest
+    stage's are the pipeline's. (Queues are unbounded: work that is not the bottleneck runs ahead
+    instead of waiting, so the rate of each kind of work is measured on its own, not the moment the
+    last of them finishes.)
 
     Built in: 10_placement
     """
@@ -415,64 +448,68 @@ def simulate(p: Placement, tokens: tuple[int, int] = (6, 12)) -> Simulated:
 
     if p.mode != "inference":
         raise ValueError(f"simulate runs inference placements; this one is for {p.mode}")
-    n0, n1 = tokens
-    if not 0 < n0 < n1:
-        raise ValueError(f"tokens={tokens!r} must be two counts 0 < a < b")
     w, n = p.wafer, len(p.stages)
+    count = 3 * (n + 2) if tokens is None else tokens
+    if not isinstance(count, int) or count < 6:
+        raise ValueError(f"tokens={tokens!r} must be an integer of at least 6")
     if 3 + n - 1 > w.colors:
         raise ValueError(f"{n} stages need {n + 2} colors; a {w.name} PE routes {w.colors}")
     rate = 2.0 * w.fmacs_per_cycle(p.dtype)
-    cycles = {}
-    report = None
-    for count in (n0, n1):
-        mesh = Mesh(w.width, w.height, w)
-        task_a: dict = {}  # per PE, per token: the ops in order
-        task_b: dict = {}  # per PE, per token: the reductions (they run beside the compute)
-        lane_in: dict = {}
-        lane_out: dict = {}
-        for i in range(n - 1):
-            paths = _lanes(p.rects[i], p.rects[i + 1])
-            per_lane = -(-wavelets(p.stages[i].out_elems, p.dtype) // len(paths))
-            for path in paths:
-                route_path(mesh, path, 3 + i)
-                lane_out.setdefault(path[0], []).append(Send(3 + i, values=np.zeros(per_lane)))
-                lane_in.setdefault(path[-1], []).append(Recv(3 + i, "in", per_lane))
-        for s, r in zip(p.stages, p.rects):
-            pes = [(x, y) for y in range(r.y, r.y1) for x in range(r.x, r.x1)]
-            words = math.ceil(stage_bytes(s, p.mode, p.context, p.dtype) / r.area / 4)
-            k_in, k_out = _gemv_shares(s, r, p.dtype)
-            plan = {pe: [] for pe in pes}
-            if k_in:
-                for x in range(r.x, r.x1):
-                    column = [(x, y) for y in range(r.y, r.y1)]
-                    mesh.store(column[0], "x", np.zeros(k_in))
-                    for pe, ops in broadcast_plan(mesh, column[0], column, "x", k_in, 0).items():
-                        plan[pe] += ops
-            reduce_ops: dict = {}
-            if k_out:
-                for y in range(r.y, r.y1):
-                    line = [(x, y) for x in range(r.x, r.x1)]
-                    for pe in line:  # a token's partial sums, and the streams of all tokens' sums
-                        mesh.store(pe, "y", np.zeros(k_out))
-                        mesh.store(pe, "ys", np.zeros(k_out * count))
-                    reduce_ops.update(reduce_plan(mesh, line, "ys", k_out * count, 1, first_color=1))
-            compute = Compute(math.ceil(stage_flops(s, p.mode) / (rate * r.area)), label=s.name)
-            for pe in pes:
-                mesh.store(pe, "W", np.zeros(words))
-                # the end of each row's chain sends a token's partial sums after computing them; the
-                # PEs along the chain add theirs to the stream as it passes, one task for all tokens
-                # (so one token's last add overlaps the next token's first)
-                sends = [Send(op.color, "y") for op in reduce_ops.get(pe, []) if isinstance(op, Send)]
-                task_a[pe] = lane_in.get(pe, []) + plan[pe] + [compute] + sends + lane_out.get(pe, [])
-                task_b[pe] = [op for op in reduce_ops.get(pe, []) if not isinstance(op, Send)]
-        for pe, ops in task_a.items():
-            mesh.program(pe, ops * count)
-            if task_b[pe]:
-                mesh.program(pe, task_b[pe])
-        report = mesh.run()
-        cycles[count] = report.cycles
-    per_token = (cycles[n1] - cycles[n0]) / (n1 - n0)
-    return Simulated(per_token, w.clock_hz / per_token, cycles, report)
+    mesh = Mesh(w.width, w.height, w)
+    lane_in: dict = {}
+    lane_out: dict = {}
+    for i in range(n - 1):
+        paths = _lanes(p.rects[i], p.rects[i + 1])
+        per_lane = -(-wavelets(p.stages[i].out_elems, p.dtype) // len(paths))
+        for path in paths:
+            route_path(mesh, path, 3 + i)
+            lane_out.setdefault(path[0], []).append(Send(3 + i, values=np.zeros(per_lane)))
+            lane_in.setdefault(path[-1], []).append(Recv(3 + i, "in", per_lane))
+    for s, r in zip(p.stages, p.rects):
+        pes = [(x, y) for y in range(r.y, r.y1) for x in range(r.x, r.x1)]
+        words = math.ceil(stage_bytes(s, p.mode, p.context, p.dtype) / r.area / 4)
+        k_in, k_out = _gemv_shares(s, r, p.dtype)
+        plan: dict = {pe: [] for pe in pes}
+        if k_in:
+            for x in range(r.x, r.x1):
+                column = [(x, y) for y in range(r.y, r.y1)]
+                mesh.store(column[0], "x", np.zeros(k_in))
+                for pe, ops in broadcast_plan(mesh, column[0], column, "x", k_in, 0).items():
+                    plan[pe] += ops
+        reduce_ops: dict = {}
+        if k_out:
+            for y in range(r.y, r.y1):
+                line = [(x, y) for x in range(r.x, r.x1)]
+                for pe in line:
+                    mesh.store(pe, "y", np.zeros(k_out))
+                reduce_ops.update(reduce_plan(mesh, line, "y", k_out, 1, first_color=1))
+        compute = Compute(math.ceil(stage_flops(s, p.mode) / (rate * r.area)), label=s.name)
+        for pe in pes:
+            mesh.store(pe, "W", np.zeros(words))
+            # the end of a row's chain sends its partial sums once it has computed them; the PEs
+            # along the chain add theirs as the sums pass, in a task of their own, so that the
+            # reductions of one token overlap the compute of the next
+            ops = reduce_ops.get(pe, [])
+            sends = [op for op in ops if isinstance(op, Send)]
+            mesh.program(pe, (lane_in.get(pe, []) + plan[pe] + [compute] + sends + lane_out.get(pe, []))
+                         * count)
+            adds = [op for op in ops if not isinstance(op, Send)]
+            if adds:
+                mesh.program(pe, adds * count)
+    report = mesh.run()
+    events: dict = {}  # (x, y, label) -> end cycles, one per token (receives, compute, reductions)
+    for x, y, label, _, end in report.timeline:
+        if not label.startswith("send"):
+            events.setdefault((x, y, label), []).append(end)
+    owner = {(x, y): i for i, r in enumerate(p.rects) for y in range(r.y, r.y1) for x in range(r.x, r.x1)}
+    last = count // 3
+    stage = np.zeros(n)
+    for (x, y, _), ends in events.items():  # the rate of each PE's each kind of work, late in the run
+        ends = sorted(ends)
+        i = owner[(x, y)]
+        stage[i] = max(stage[i], (ends[-1] - ends[-1 - last]) / last)
+    slowest = float(stage.max())
+    return Simulated(slowest, w.clock_hz / slowest, stage, count, report)
 
 
 # --- strategies ---------------------------------------------------------------------------------------
@@ -718,20 +755,22 @@ def _refined(p: Placement, time, need) -> Placement | None:
 
 
 def _layout(p: Placement):
-    """The columns of a column layout: (stage groups, widths, rows per stage), or None if ``p`` is not
-    one (serpentine columns of stacked stages, each column as tall as the grid)."""
+    """The columns of a column layout: (stage groups, widths, rows per stage, serpentine), or None if
+    ``p`` is not one (side-by-side columns as tall as the grid, each stacking consecutive stages top
+    to bottom, or in every other column bottom to top if serpentine)."""
     cols: dict[int, list[int]] = {}
     for i, r in enumerate(p.rects):
         cols.setdefault(r.x, []).append(i)
-    groups = [sorted(cols[x], key=lambda i: p.rects[i].y) for x in sorted(cols)]
-    for k, g in enumerate(groups):
-        if k % 2:
-            g.reverse()
-        if sorted(g) != list(range(g[0], g[0] + len(g))) or g != sorted(g):
-            return None
-        if len({p.rects[i].w for i in g}) > 1 or sum(p.rects[i].h for i in g) != p.wafer.height:
-            return None
-    return groups, [p.rects[g[0]].w for g in groups], [[p.rects[i].h for i in g] for g in groups]
+    top_down = [sorted(cols[x], key=lambda i: p.rects[i].y) for x in sorted(cols)]
+    for serpentine in (True, False):
+        groups = [g[::-1] if serpentine and k % 2 else g for k, g in enumerate(top_down)]
+        if [i for g in groups for i in g] != list(range(len(p.rects))):
+            continue
+        if all(len({p.rects[i].w for i in g}) == 1 and sum(p.rects[i].h for i in g) == p.wafer.height
+               for g in groups):
+            return groups, [p.rects[g[0]].w for g in groups], [[p.rects[i].h for i in g] for g in groups], \
+                serpentine
+    return None
 
 
 def _score(e: Evaluation) -> tuple:
@@ -748,12 +787,12 @@ def _polish(p: Placement, passes: int = 40) -> Placement:
     layout = _layout(p)
     if layout is None:
         return p
-    groups, widths, rows = layout
+    groups, widths, rows, serpentine = layout
 
     def build(widths, rows):
         if min(widths) < 1 or min(min(r) for r in rows) < 1:
             return None
-        rects = _columns(groups, widths, rows, serpentine=True)
+        rects = _columns(groups, widths, rows, serpentine)
         q = Placement(p.wafer, p.stages, rects, p.mode, p.context, p.dtype, "optimized")
         e = evaluate(q)
         return (q, e) if e.feasible else None
