@@ -110,6 +110,10 @@ def test_evaluation_arithmetic_on_two_stacked_strips():
     assert e.internal[1] == s0.matmul_in / 16 + s0.matmul_out / 12
     assert (s0.matmul_in, s0.matmul_out) == (7 * 64, 9 * 64)  # QKV, proj, fc, fc-proj: 7C in, 9C out
     assert e.tokens_per_s == wafer.clock_hz / e.compute[0]
+    # alone, a token waits for every stage, every hop, and the first wavelet of each of the 4
+    # products of each block crossing its rectangle: down 4 or 12 rows, along 16 PEs of a chain
+    alone = e.stage.sum() + 1 + 4 * (4 + 16 * 3) + 4 * (12 + 16 * 3)
+    assert s0.products == 4 and e.latency_s == alone / wafer.clock_hz
     # apart by 4 rows, a third stage between them: the transfer crosses its PEs
     p2 = Placement(wafer, s, [Rect(0, 0, 16, 4), Rect(0, 8, 16, 8)], context=16, dtype="fp32")
     assert evaluate(p2).hops[0] == 5

@@ -105,6 +105,7 @@ class Stage:
     kv_elems: int = 0  # K and V elements per token of context (attention layers)
     matmul_in: int = 0  # elements its matrix products read per token, summed over the products
     matmul_out: int = 0  # elements they write per token
+    products: int = 0  # matrix products one after another (each waits for the one before)
 
 
 def pipeline_stages(workload: Workload) -> list[Stage]:
@@ -129,6 +130,7 @@ def pipeline_stages(workload: Workload) -> list[Stage]:
             kv_elems=2 * c if name.startswith("h") else 0,
             matmul_in=sum(op.inputs for op in ops),
             matmul_out=sum(op.activation_elems for op in ops if op.kind == "matmul"),
+            products=sum(op.kind == "matmul" for op in ops),
         ))
     return out
 
@@ -218,7 +220,7 @@ class Evaluation:
     sram_per_pe: np.ndarray  # bytes
     colors: np.ndarray  # the most colors any PE of the stage routes
     tokens_per_s: float
-    latency_s: float
+    latency_s: float  # one token through every stage, alone in the pipeline
     utilisation: float  # achieved FLOP/s over the peak of the whole grid
     compute_bound_tokens_per_s: float  # every PE busy: total FLOPs / peak
     bottleneck: int
@@ -378,12 +380,16 @@ def evaluate(p: Placement) -> Evaluation:
                  "internal" if internal[bottleneck] >= stage[bottleneck] else "transfer")
     slowest = float(stage.max())
     total_flops = float(flops.sum())
+    # alone, a token also waits for each product's first wavelet to cross the rectangle: down the
+    # columns (hops) and along the chain of each row (a hop and an add per PE)
+    gemv_latency = sum(s.products * (r.h * w.hop_cycles + r.w * (w.hop_cycles + w.stage_cycles))
+                       for s, r in zip(p.stages, p.rects))
     tokens_per_s = w.clock_hz / slowest
     return Evaluation(
         compute=compute, internal=internal, transfer=transfer, stage=stage, hops=hops, sram_per_pe=sram,
         colors=colors,
         tokens_per_s=tokens_per_s,
-        latency_s=float(stage.sum() + hops.sum() * w.hop_cycles) / w.clock_hz,
+        latency_s=(float(stage.sum() + hops.sum() * w.hop_cycles) + gemv_latency) / w.clock_hz,
         utilisation=total_flops * tokens_per_s / (w.pes * rate * w.clock_hz),
         compute_bound_tokens_per_s=w.pes * rate * w.clock_hz / total_flops,
         bottleneck=bottleneck, limit=limit, feasible=not problems, problems=problems)

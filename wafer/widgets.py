@@ -97,7 +97,8 @@ def draw(p: Placement, e: Evaluation, fig: Figure | None = None, highlight: int 
     ax_bar.set_xticks(x, [s.name for s in p.stages], rotation=90, fontsize=7)
     ax_bar.set(ylabel="cycles per token", title=f"{e.tokens_per_s:,.0f} tokens/s, utilisation "
                                                 f"{e.utilisation:.1%}, limit: {e.limit}")
-    ax_bar.legend(fontsize=7)
+    ax_bar.set_ylim(0, 1.3 * max(float(e.stage.max()), 1e-9))  # room for the legend above the bars
+    ax_bar.legend(fontsize=7, loc="upper center", ncol=2)
     fig.tight_layout()
     return fig
 
