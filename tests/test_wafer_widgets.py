@@ -18,7 +18,7 @@ def test_place_and_resize():
         resize(p, 3, -p.rects[3].h)
     with pytest.raises(ValueError, match=r"model='GPT-5' is not one of \['minigpt"):
         place("GPT-5", "WSE-2", "serpentine", "inference")
-    with pytest.raises(ValueError, match=r"wafer='WSE-9' is not one of \['WSE-2'"):
+    with pytest.raises(ValueError, match=r"wafer='WSE-9' is not one of \['WSE-1', 'WSE-2'"):
         place("GPT-2 small", "WSE-9", "serpentine", "inference")
     with pytest.raises(ValueError, match="strategy='random'"):
         place("GPT-2 small", "WSE-2", "random", "inference")

@@ -12,7 +12,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from wafer.hardware import TOY, WSE1, WSE2, WSE3
+from wafer.hardware import WAFERS
 from wafer.placement import (
     STRATEGIES,
     Evaluation,
@@ -26,7 +26,6 @@ from wafer.placement import (
 )
 from wafer.workload import gpt_workload
 
-WAFERS = {w.name: w for w in (WSE2, WSE3, WSE1, TOY)}
 CHOICES = list(STRATEGIES) + ["optimized"]
 
 
