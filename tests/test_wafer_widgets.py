@@ -41,3 +41,17 @@ def test_explorer_follows_its_controls():
     x.wafer.value = "TOY"  # 590M does not fit on 32 x 32 PEs: said so, nothing shown as if it did
     assert "cannot place" in x.status.value and "layer embed" in x.status.value
     assert "no placement" in x.readout.value
+
+
+def test_training_estimator():
+    from wafer.widgets import TrainingEstimator
+
+    t = TrainingEstimator(model="590M", tokens_per_param=20, systems=1)
+    first = t.estimate()
+    assert "days" in t.readout.value and first["gpus"] == 8  # 7.48 PFLOP/s / 0.989 per H100
+    t.systems.value = 4
+    assert t.estimate()["days"] < first["days"] and t.readout.value != ""
+    t.ratio.value = 40
+    assert t.estimate()["flops"] == pytest.approx(2 * first["flops"], rel=0.01)
+    with pytest.raises(ValueError, match="model='70B' is not one of"):
+        TrainingEstimator(model="70B")

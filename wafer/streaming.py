@@ -43,6 +43,10 @@ from wafer.hardware import GPU, Cluster, dtype_bytes
 from wafer.placement import pipeline_stages
 from wafer.workload import Workload, gpt_workload
 
+# How Cerebras-GPT was trained (Dey et al. 2023, P): systems of Andromeda and sequences per batch. 13B ran on
+# 8 systems with 720 sequences, then on 12 with 1080 (90 per system either way); we take the second.
+CEREBRAS_GPT_RUNS = {"111M": (1, 120), "256M": (1, 264), "590M": (1, 264), "1.3B": (4, 528), "2.7B": (4, 528),
+                     "6.7B": (8, 1040), "13B": (12, 1080)}
 SWARMX_LEVEL_S = 1e-6  # A: latency per level of the SwarmX tree (a switch and its links); no figure published
 UPDATE_BYTES_PER_S = 1e12  # A: MemoryX's update throughput (it reads and writes 16 B per parameter)
 UPDATE_BYTES_PER_PARAM = 16  # fp16 weight, fp32 master weight, fp32 Adam m and v
@@ -89,7 +93,7 @@ class StreamingStep:
     flops: float  # training FLOPs of the step (matrix products and attention, as the workload counts)
     compute_bound: float  # the step at the cluster's peak
     utilisation: float  # compute_bound / step
-    limit: str  # "compute" or "I/O": what the slowest stage waits for
+    limit: str  # "I/O" if waiting for weights or gradients costs over 5% of the step, else "compute"
     sram_bytes: int  # on each wafer: two layers of weights and one micro-batch's activations
 
 
@@ -165,7 +169,8 @@ def weight_streaming(model, cluster: Cluster, batch: int, context: int | None = 
     compute_bound = flops / cluster.peak_flops(dtype)
     compute = forward_compute + backward_compute
     io_time = 2 * streamed / io
-    limit = "compute" if (forward_compute + backward_compute).sum() >= io_time.sum() else "I/O"
+    busy = micro_batches * float(compute.sum()) + boundary  # the step if every stream were hidden
+    limit = "I/O" if step > 1.05 * busy else "compute"  # waiting for streams costs over 5% of the step
     return StreamingStep(
         stages=[s.name for s in stages], micro_batch=micro_batch, micro_batches=micro_batches,
         forward=forward, backward=backward, compute=compute, io=io_time, boundary=boundary, step=step,

@@ -1,4 +1,5 @@
-"""The placement explorer: pick a model, a wafer, a strategy and a mode, see where each layer goes.
+"""Widgets for the wafer chapters: the placement explorer (chapter 10) and the training-time estimator
+(chapter 11).
 
 Built in: 10_placement
 """
@@ -194,3 +195,68 @@ class PlacementExplorer:
         display(self.widget)
 
 
+
+
+class TrainingEstimator:
+    """How long does it take to train a GPT? Pick a Cerebras-GPT shape, the tokens per parameter and
+    the systems; read the days on a weight-streamed CS-2 cluster and on H100s of the same dense peak
+    at a model FLOPs utilisation you choose.
+
+    Built in: 11_streaming
+    """
+
+    def __init__(self, model: str = "1.3B", tokens_per_param: float = 20.0, systems: int = 4,
+                 mfu: float = 0.4):
+        import ipywidgets as w
+
+        from minigpt.scaling import CEREBRAS_GPT
+
+        self.models = {m.name: m.config for m in CEREBRAS_GPT}
+        if model not in self.models:
+            raise ValueError(f"model={model!r} is not one of {list(self.models)}")
+        self.model = w.Dropdown(options=list(self.models), value=model, description="model")
+        self.ratio = w.FloatLogSlider(value=tokens_per_param, base=10, min=0, max=3, step=0.05,
+                                      description="tokens/param", continuous_update=False)
+        self.systems = w.IntSlider(value=systems, min=1, max=64, description="CS-2 systems",
+                                   continuous_update=False)
+        self.mfu = w.FloatSlider(value=mfu, min=0.05, max=1.0, step=0.05, description="H100 MFU",
+                                 continuous_update=False)
+        self.readout = w.HTML()
+        for control in (self.model, self.ratio, self.systems, self.mfu):
+            control.observe(self._update, names="value")
+        self.widget = w.VBox([w.HBox([self.model, self.ratio]), w.HBox([self.systems, self.mfu]),
+                              self.readout])
+        self._update()
+
+    def estimate(self) -> dict:
+        """The numbers the readout shows."""
+        from wafer.hardware import H100, WSE2, Cluster
+        from wafer.streaming import gpu_training_days, training_time
+        from wafer.workload import gpt_workload
+
+        config = self.models[self.model.value]
+        params = gpt_workload(config, context=2048, dtype="fp16").params
+        tokens = self.ratio.value * params
+        systems = self.systems.value
+        per_system = max(8, 240 // systems)  # sequences per system: at least 8, about 240 in all
+        t = training_time(config, tokens, Cluster(WSE2, systems), per_system * systems, 2048)
+        gpus = round(systems * WSE2.peak_flops("fp16") / H100.peak_flops())  # the same dense peak
+        return {"params": params, "tokens": tokens, "flops": t.flops, "days": t.days,
+                "utilisation": t.utilisation, "gpus": gpus,
+                "gpu_days": gpu_training_days(config, tokens, H100, gpus, self.mfu.value, 2048)}
+
+    def _update(self, change=None) -> None:
+        try:
+            e = self.estimate()
+            self.readout.value = (
+                f"<span class='estimate'>{e['params'] / 1e9:.2f}B parameters on {e['tokens'] / 1e9:,.0f}B "
+                f"tokens: {e['flops']:.2e} FLOPs. {self.systems.value} CS-2: <b>{e['days']:,.2f} days</b> "
+                f"(utilisation {e['utilisation']:.0%}). {e['gpus']} H100 (the same dense peak) at "
+                f"{self.mfu.value:.0%} MFU: <b>{e['gpu_days']:,.2f} days</b>.</span>")
+        except ValueError as e:
+            self.readout.value = f"<b>cannot estimate:</b> {html.escape(str(e))}"
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
