@@ -1,0 +1,217 @@
+"""Inference at wafer scale: prefill and decode on square regions of PEs, and the KV cache.
+
+A model too large for one region is spread over several P x P regions, each holding a run of
+consecutive layers (layer pipelining between regions, as WaferLLM does). Inside a region, each
+layer's matrix products run on the whole P x P grid with chapter 09's algorithms:
+
+- **decode** (one new token): every product is a GEMV: the input down the columns, the local
+  products, a 2-level tree reduction along the rows (:func:`wafer.cost.gemv_cycles`). Attention over
+  t cached tokens is two more GEMV-shaped products (scores t x d, and the weighted sum d x t); the
+  norms and the softmax cost one small allreduce each. Compute per PE is tiny; what is left is the
+  latency of the broadcasts and reductions, which grows with P.
+- **prefill** (a prompt of n tokens at once): every product is a GEMM, run as Cannon's algorithm on
+  the 2-hop interleaved ring (:func:`wafer.cost.gemm_cycles`); attention is two GEMMs per layer
+  (n x d by d x n, and back).
+
+The KV cache of a layer lives in its region: K and V are (tokens x d_kv), the d_kv columns split over
+the P columns of PEs (ceil(d_kv / P) values each). Where the tokens go is the layout:
+
+- **concatenation**: each new token's K and V are appended in the same row of PEs, so the cache can
+  only grow until that row's free SRAM is full;
+- **shift**: the rows shift their tokens down by one PE as a new one arrives, so the tokens spread
+  over all P rows, and the cache holds P times as many (WaferLLM's shift-based cache).
+
+The free SRAM of a PE is what its share of the region's weights leaves (16-bit weights; working
+buffers not counted).
+
+Built in: 12_inference
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from wafer.cost import allreduce_cycles, gemm_cycles, gemv_cycles, roofline
+from wafer.hardware import GPU, Wafer, dtype_bytes
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A decoder-only transformer's shape: grouped-query attention (``n_kv_head`` key and value heads
+    shared by ``n_head`` query heads) and a gated MLP (three matrices of d x d_ffn), as in LLaMA and
+    Qwen2; ``gated=False, tied=True`` with n_kv_head = n_head gives GPT-2's shape.
+
+    Built in: 12_inference
+    """
+
+    name: str
+    n_layer: int
+    d_model: int
+    n_head: int
+    n_kv_head: int
+    d_ffn: int
+    vocab: int
+    gated: bool = True
+    tied: bool = False
+
+    def __post_init__(self):
+        for field_ in ("n_layer", "d_model", "n_head", "n_kv_head", "d_ffn", "vocab"):
+            v = getattr(self, field_)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{field_}={v!r} must be a positive integer")
+        if self.d_model % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must divide d_model={self.d_model}, and n_kv_head="
+                             f"{self.n_kv_head} must divide n_head")
+
+    @property
+    def d_kv(self) -> int:
+        """Width of K (and of V): the key-value heads times the head size."""
+        return self.n_kv_head * self.d_model // self.n_head
+
+    def products(self) -> list[tuple[str, int, int]]:
+        """One layer's products with weights, as (name, outputs, inputs)."""
+        d = self.d_model
+        mlp_in = (2 if self.gated else 1) * self.d_ffn
+        return [("qkv", d + 2 * self.d_kv, d), ("out", d, d), ("mlp in", mlp_in, d),
+                ("mlp out", d, self.d_ffn)]
+
+    @property
+    def layer_params(self) -> int:
+        return sum(m * n for _, m, n in self.products()) + 2 * self.d_model  # and two norms' scales
+
+    @property
+    def params(self) -> int:
+        tables = self.vocab * self.d_model * (1 if self.tied else 2)  # embedding, and an untied head
+        return self.n_layer * self.layer_params + tables + self.d_model
+
+    def kv_bytes_per_token(self, dtype: str = "fp16") -> int:
+        """K and V of every layer, for one token."""
+        return 2 * self.n_layer * self.d_kv * dtype_bytes(dtype)
+
+
+# Shapes from each model's config.json as published with its weights (Meta; Qwen).
+LLAMA3_8B = Shape("LLaMA-3-8B", n_layer=32, d_model=4096, n_head=32, n_kv_head=8, d_ffn=14336, vocab=128256)
+LLAMA2_13B = Shape("LLaMA-2-13B", n_layer=40, d_model=5120, n_head=40, n_kv_head=40, d_ffn=13824, vocab=32000)
+CODELLAMA_34B = Shape("CodeLLaMA-34B", n_layer=48, d_model=8192, n_head=64, n_kv_head=8, d_ffn=22016,
+                      vocab=32000)
+QWEN2_72B = Shape("Qwen2-72B", n_layer=80, d_model=8192, n_head=64, n_kv_head=8, d_ffn=29568, vocab=152064)
+SHAPES = {s.name: s for s in (LLAMA3_8B, LLAMA2_13B, CODELLAMA_34B, QWEN2_72B)}
+
+
+@dataclass
+class Layout:
+    """How a model sits on a wafer in P x P regions.
+
+    Built in: 12_inference
+    """
+
+    side: int
+    regions: int  # regions the layers occupy
+    layers_per_region: int
+    weight_bytes_per_pe: int
+    free_bytes_per_pe: int
+    kv_bytes_per_token_per_pe: int  # in the region's PEs, for its layers
+    concat_tokens: int  # KV capacity, concatenation-based
+    shift_tokens: int  # KV capacity, shift-based
+
+
+def layout(shape: Shape, wafer: Wafer, side: int, dtype: str = "fp16",
+           layers_per_region: int | None = None) -> Layout:
+    """Place ``shape``'s layers on ``side`` x ``side`` regions of ``wafer``: by default as many regions
+    as the grid holds as squares, the layers shared out evenly; or ``layers_per_region`` each, as long
+    as the grid has that many regions' worth of PEs. Raises if the layers do not fit.
+
+    Built in: 12_inference
+    """
+    if not isinstance(side, int) or side < 1 or side > min(wafer.width, wafer.height):
+        raise ValueError(f"side={side!r} must be an integer in [1, {min(wafer.width, wafer.height)}] for the "
+                         f"{wafer.width} x {wafer.height} {wafer.name} grid")
+    b = dtype_bytes(dtype)
+    pes = side * side
+    squares = (wafer.width // side) * (wafer.height // side)
+    if layers_per_region is None:
+        layers_per_region = math.ceil(shape.n_layer / squares)
+    elif not isinstance(layers_per_region, int) or layers_per_region < 1:
+        raise ValueError(f"layers_per_region={layers_per_region!r} must be a positive integer")
+    elif shape.n_layer / layers_per_region * pes > wafer.pes:
+        raise ValueError(f"{shape.n_layer} layers at {layers_per_region} per region of {side} x {side} need "
+                         f"{shape.n_layer / layers_per_region * pes:,.0f} PEs; the {wafer.name} grid has "
+                         f"{wafer.pes:,}")
+    weights = math.ceil(layers_per_region * shape.layer_params * b / pes)
+    free = wafer.sram_bytes_per_pe - weights
+    if free <= 0:
+        raise ValueError(f"{shape.name} does not fit in {side} x {side} regions on the {wafer.name}: "
+                         f"{layers_per_region} layer(s) per region need {weights:,} bytes of weights per PE, "
+                         f"and a PE has {wafer.sram_bytes_per_pe:,}")
+    kv = layers_per_region * 2 * math.ceil(shape.d_kv / side) * b
+    concat = free // kv
+    return Layout(side=side, regions=math.ceil(shape.n_layer / layers_per_region),
+                  layers_per_region=layers_per_region, weight_bytes_per_pe=weights, free_bytes_per_pe=free,
+                  kv_bytes_per_token_per_pe=kv, concat_tokens=concat, shift_tokens=concat * side)
+
+
+def decode_seconds(shape: Shape, wafer: Wafer, side: int, context: int, dtype: str = "fp16",
+                   levels: int = 2) -> dict:
+    """One decode step (one new token of one sequence, ``context`` tokens cached) with every layer on
+    a ``side`` x ``side`` region: the products as GEMVs, attention as two GEMV-shaped products, the
+    norms and softmax as allreduces of one value, the head as one more GEMV. Seconds per phase.
+
+    Built in: 12_inference
+    """
+    if not isinstance(context, int) or context < 1:
+        raise ValueError(f"context={context!r} must be a positive number of cached tokens")
+    layout(shape, wafer, side, dtype)  # raises if the layers do not fit
+    grid = (side, side)
+    d = shape.d_model
+    weights = sum(gemv_cycles(wafer, m, n, grid, levels, dtype)["total"] for _, m, n in shape.products())
+    attention = (gemv_cycles(wafer, context, d, grid, levels, dtype)["total"]  # scores
+                 + gemv_cycles(wafer, d, context, grid, levels, dtype)["total"])  # the weighted sum of V
+    small = 3 * allreduce_cycles(wafer, side, 1, levels)  # two norms, one softmax
+    head = gemv_cycles(wafer, shape.vocab, d, grid, levels, dtype)["total"]
+    layer = weights + attention + small
+    cycles = shape.n_layer * layer + head
+    return {"weights": shape.n_layer * weights / wafer.clock_hz,
+            "attention": shape.n_layer * attention / wafer.clock_hz,
+            "allreduce": shape.n_layer * small / wafer.clock_hz, "head": head / wafer.clock_hz,
+            "seconds": cycles / wafer.clock_hz, "tokens_per_s": wafer.clock_hz / cycles}
+
+
+def prefill_seconds(shape: Shape, wafer: Wafer, side: int, prompt: int, dtype: str = "fp16",
+                    method: str = "interleave") -> dict:
+    """Prefill of a ``prompt``-token prompt with every layer on a ``side`` x ``side`` region: each
+    product a GEMM (``prompt`` x inputs by inputs x outputs), attention two GEMMs, the head one
+    product for the last token only. Seconds and tokens per second.
+
+    Built in: 12_inference
+    """
+    if not isinstance(prompt, int) or prompt < 1:
+        raise ValueError(f"prompt={prompt!r} must be a positive number of tokens")
+    layout(shape, wafer, side, dtype)  # raises if the layers do not fit
+    d = shape.d_model
+    products = sum(gemm_cycles(wafer, prompt, n, m, side, method, dtype)["total"]
+                   for _, m, n in shape.products())
+    attention = (gemm_cycles(wafer, prompt, d, prompt, side, method, dtype)["total"]
+                 + gemm_cycles(wafer, prompt, prompt, d, side, method, dtype)["total"])
+    head = gemv_cycles(wafer, shape.vocab, d, (side, side), 2, dtype)["total"]
+    cycles = shape.n_layer * (products + attention) + head
+    return {"seconds": cycles / wafer.clock_hz, "tokens_per_s": prompt * wafer.clock_hz / cycles}
+
+
+def gpu_decode(shape: Shape, gpu: GPU, context: int, dtype: str = "bf16") -> dict:
+    """One decode step on one GPU by the roofline: every weight and the cache read from HBM once,
+    2 FLOPs per weight and 4 per cached K or V value per query head group."""
+    b = dtype_bytes(dtype)
+    nbytes = shape.params * b + context * shape.kv_bytes_per_token(dtype)
+    flops = 2 * shape.params + 4 * shape.n_layer * shape.d_model * context
+    r = roofline(flops, nbytes, gpu.peak_flops(dtype), gpu.hbm_bytes_per_s)
+    return {**r, "tokens_per_s": 1 / r["seconds"]}
+
+
+def gpu_prefill(shape: Shape, gpu: GPU, prompt: int, dtype: str = "bf16") -> dict:
+    """Prefill of ``prompt`` tokens on one GPU by the roofline: 2 FLOPs per weight per token and the
+    attention's 4 d n^2 per layer, the weights read once."""
+    b = dtype_bytes(dtype)
+    flops = 2 * shape.params * prompt + 4 * shape.n_layer * shape.d_model * prompt * prompt
+    r = roofline(flops, shape.params * b, gpu.peak_flops(dtype), gpu.hbm_bytes_per_s)
+    return {**r, "tokens_per_s": prompt / r["seconds"]}
