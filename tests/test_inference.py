@@ -2,7 +2,7 @@
 
 import pytest
 
-from wafer.cost import gemv_cycles
+from wafer.cost import gemm_cycles, gemv_cycles
 from wafer.hardware import A100, H100, WSE2, WSE3
 from wafer.inference import (
     LLAMA2_13B,
@@ -13,6 +13,7 @@ from wafer.inference import (
     gpu_decode,
     gpu_prefill,
     layout,
+    min_wafers,
     prefill_seconds,
 )
 
@@ -49,6 +50,9 @@ def test_decode_is_latency_and_prefill_is_compute():
     assert longer["seconds"] > d["seconds"]  # attention grows with the context
     best = max((120, 180, 360), key=lambda p: decode_seconds(LLAMA3_8B, WSE2, p, 2048)["tokens_per_s"])
     assert best == 180  # more PEs cut compute but lengthen every reduction
+    for _, m, n in LLAMA3_8B.products():  # prefill uses Cannon's lockstep bound: within a cycle here
+        g = gemm_cycles(WSE2, 512, n, m, 60, "interleave", "fp16")
+        assert 0 <= g["lockstep"] - g["total"] <= 1
     p = prefill_seconds(LLAMA3_8B, WSE2, 120, 512)
     assert p["tokens_per_s"] > decode_seconds(LLAMA3_8B, WSE2, 120, 512)["tokens_per_s"]
     assert decode_seconds(LLAMA3_8B, WSE3, 180, 2048)["tokens_per_s"] > d["tokens_per_s"]  # 8-wide FMACs
@@ -66,8 +70,11 @@ def test_gpu_roofline():
 def test_bad_input():
     with pytest.raises(ValueError, match=r"side=0 must be an integer in \[1, 750\]"):
         layout(LLAMA3_8B, WSE2, 0)
-    with pytest.raises(ValueError, match="Qwen2-72B does not fit in 360 x 360 regions on the WSE-2"):
+    with pytest.raises(ValueError, match="Qwen2-72B does not fit in 360 x 360 regions on 1 WSE-2"):
         layout(QWEN2_72B, WSE2, 360)
+    assert min_wafers(QWEN2_72B, WSE2, 360) == 7 and min_wafers(LLAMA3_8B, WSE2, 360) == 1
+    with pytest.raises(ValueError, match="wafers=0"):
+        decode_seconds(LLAMA3_8B, WSE2, 180, 10, wafers=0)
     with pytest.raises(ValueError, match=r"32 layers at 4 per region of 360 x 360 need 1,036,800 PEs"):
         layout(LLAMA3_8B, WSE2, 360, layers_per_region=4)
     with pytest.raises(ValueError, match="context=0"):

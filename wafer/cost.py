@@ -164,13 +164,14 @@ def gemv_cycles(wafer: Wafer, m: int, n: int, grid: tuple[int, int], levels: int
 
 
 def gemm_cycles(wafer: Wafer, m: int, k: int, n: int, grid: int, method: str = "summa", dtype: str = "fp32",
-                ) -> dict:
+                dataflow: bool = True) -> dict:
     """C = A B (m x k times k x n) on a P x P grid, as :func:`wafer.collectives.gemm` runs it.
 
     SUMMA, step s: blocks of A and B multicast from column and row s (the farthest PE max(s, P-1-s)
     hops away), both streams sharing each PE's ramp, then the block product. Cannon: P products and
     P - 1 shifts of both blocks, whose longest path is the wrap-around, P - 1 hops (2 on the
-    interleaved ring).
+    interleaved ring). With ``dataflow=False`` Cannon's total is the lockstep bound, which is much
+    faster to compute on large grids (on the interleaved ring it is within a cycle of the dataflow).
 
     Built in: 09_mesh
     """
@@ -187,13 +188,20 @@ def gemm_cycles(wafer: Wafer, m: int, k: int, n: int, grid: int, method: str = "
         hops = max(abs(ring[j] - ring[j - 1]) for j in range(P)) if P > 1 else 0
         lockstep = P * step_compute + (P - 1) * transfer_cycles(wafer, hops, a + b)
         out = {"communicate": lockstep - P * step_compute, "compute": P * step_compute,
-               "lockstep": lockstep, "total": _cannon_dataflow(wafer, ring, a, b, step_compute)}
-        paths, _ = shift_paths(ring)
-        out["colors"] = colors_per_pe(paths, assign_colors(paths))
+               "lockstep": lockstep,
+               "total": _cannon_dataflow(wafer, ring, a, b, step_compute) if dataflow else lockstep}
+        out["colors"] = _ring_colors(P, method == "interleave")
     else:
         raise ValueError(f"method={method!r} is not one of ('summa', 'cannon', 'interleave')")
     out["bytes_per_pe"] = (2 * bm * bk + 2 * bk * bn + bm * bn) * dtype_bytes(dtype)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _ring_colors(P: int, interleave: bool) -> int:
+    """Colors per PE of Cannon's shifts on a ring of P (the interleaved one if ``interleave``)."""
+    paths, _ = shift_paths(interleaved_ring(P) if interleave else list(range(P)))
+    return colors_per_pe(paths, assign_colors(paths))
 
 
 def _cannon_dataflow(wafer: Wafer, ring: list[int], a: int, b: int, compute: int) -> int:

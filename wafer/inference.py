@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from wafer.cost import allreduce_cycles, gemm_cycles, gemv_cycles, roofline
 from wafer.hardware import GPU, Wafer, dtype_bytes
+from wafer.streaming import SWARMX_LEVEL_S
 
 
 @dataclass(frozen=True)
@@ -117,31 +118,33 @@ class Layout:
 
 
 def layout(shape: Shape, wafer: Wafer, side: int, dtype: str = "fp16",
-           layers_per_region: int | None = None) -> Layout:
-    """Place ``shape``'s layers on ``side`` x ``side`` regions of ``wafer``: by default as many regions
-    as the grid holds as squares, the layers shared out evenly; or ``layers_per_region`` each, as long
-    as the grid has that many regions' worth of PEs. Raises if the layers do not fit.
+           layers_per_region: int | None = None, wafers: int = 1) -> Layout:
+    """Place ``shape``'s layers on ``side`` x ``side`` regions of ``wafers`` wafers: by default as many
+    regions as the grids hold as squares, the layers shared out evenly; or ``layers_per_region`` each,
+    as long as the grids have that many regions' worth of PEs. Raises if the layers do not fit.
 
     Built in: 12_inference
     """
     if not isinstance(side, int) or side < 1 or side > min(wafer.width, wafer.height):
         raise ValueError(f"side={side!r} must be an integer in [1, {min(wafer.width, wafer.height)}] for the "
                          f"{wafer.width} x {wafer.height} {wafer.name} grid")
+    if not isinstance(wafers, int) or wafers < 1:
+        raise ValueError(f"wafers={wafers!r} must be a positive integer")
     b = dtype_bytes(dtype)
     pes = side * side
-    squares = (wafer.width // side) * (wafer.height // side)
+    squares = wafers * (wafer.width // side) * (wafer.height // side)
     if layers_per_region is None:
         layers_per_region = math.ceil(shape.n_layer / squares)
     elif not isinstance(layers_per_region, int) or layers_per_region < 1:
         raise ValueError(f"layers_per_region={layers_per_region!r} must be a positive integer")
-    elif shape.n_layer / layers_per_region * pes > wafer.pes:
+    elif shape.n_layer / layers_per_region * pes > wafers * wafer.pes:
         raise ValueError(f"{shape.n_layer} layers at {layers_per_region} per region of {side} x {side} need "
                          f"{shape.n_layer / layers_per_region * pes:,.0f} PEs; the {wafer.name} grid has "
-                         f"{wafer.pes:,}")
+                         f"{wafers * wafer.pes:,}")
     weights = math.ceil(layers_per_region * shape.layer_params * b / pes)
     free = wafer.sram_bytes_per_pe - weights
     if free <= 0:
-        raise ValueError(f"{shape.name} does not fit in {side} x {side} regions on the {wafer.name}: "
+        raise ValueError(f"{shape.name} does not fit in {side} x {side} regions on {wafers} {wafer.name}: "
                          f"{layers_per_region} layer(s) per region need {weights:,} bytes of weights per PE, "
                          f"and a PE has {wafer.sram_bytes_per_pe:,}")
     kv = layers_per_region * 2 * math.ceil(shape.d_kv / side) * b
@@ -151,17 +154,30 @@ def layout(shape: Shape, wafer: Wafer, side: int, dtype: str = "fp16",
                   kv_bytes_per_token_per_pe=kv, concat_tokens=concat, shift_tokens=concat * side)
 
 
+def min_wafers(shape: Shape, wafer: Wafer, side: int, dtype: str = "fp16", most: int = 64) -> int:
+    """The fewest wafers whose ``side`` x ``side`` regions hold ``shape`` (layer-pipelined across them)."""
+    for n in range(1, most + 1):
+        try:
+            layout(shape, wafer, side, dtype, wafers=n)
+            return n
+        except ValueError:
+            continue
+    raise ValueError(f"{shape.name} does not fit on {most} {wafer.name} wafers in {side} x {side} regions")
+
+
 def decode_seconds(shape: Shape, wafer: Wafer, side: int, context: int, dtype: str = "fp16",
-                   levels: int = 2) -> dict:
+                   levels: int = 2, wafers: int = 1) -> dict:
     """One decode step (one new token of one sequence, ``context`` tokens cached) with every layer on
     a ``side`` x ``side`` region: the products as GEMVs, attention as two GEMV-shaped products, the
-    norms and softmax as allreduces of one value, the head as one more GEMV. Seconds per phase.
+    norms and softmax as allreduces of one value, the head as one more GEMV. Over ``wafers`` wafers,
+    the activations cross from one to the next at the system's I/O rate plus a switch's latency
+    (:data:`wafer.streaming.SWARMX_LEVEL_S`, assumed). Seconds per phase.
 
     Built in: 12_inference
     """
     if not isinstance(context, int) or context < 1:
         raise ValueError(f"context={context!r} must be a positive number of cached tokens")
-    layout(shape, wafer, side, dtype)  # raises if the layers do not fit
+    layout(shape, wafer, side, dtype, wafers=wafers)  # raises if the layers do not fit
     grid = (side, side)
     d = shape.d_model
     weights = sum(gemv_cycles(wafer, m, n, grid, levels, dtype)["total"] for _, m, n in shape.products())
@@ -171,14 +187,16 @@ def decode_seconds(shape: Shape, wafer: Wafer, side: int, context: int, dtype: s
     head = gemv_cycles(wafer, shape.vocab, d, grid, levels, dtype)["total"]
     layer = weights + attention + small
     cycles = shape.n_layer * layer + head
+    between = (wafers - 1) * (SWARMX_LEVEL_S + d * dtype_bytes(dtype) * 8 / wafer.io_bits_per_s)
+    seconds = cycles / wafer.clock_hz + between
     return {"weights": shape.n_layer * weights / wafer.clock_hz,
             "attention": shape.n_layer * attention / wafer.clock_hz,
             "allreduce": shape.n_layer * small / wafer.clock_hz, "head": head / wafer.clock_hz,
-            "seconds": cycles / wafer.clock_hz, "tokens_per_s": wafer.clock_hz / cycles}
+            "between wafers": between, "seconds": seconds, "tokens_per_s": 1 / seconds}
 
 
 def prefill_seconds(shape: Shape, wafer: Wafer, side: int, prompt: int, dtype: str = "fp16",
-                    method: str = "interleave") -> dict:
+                    method: str = "interleave", wafers: int = 1) -> dict:
     """Prefill of a ``prompt``-token prompt with every layer on a ``side`` x ``side`` region: each
     product a GEMM (``prompt`` x inputs by inputs x outputs), attention two GEMMs, the head one
     product for the last token only. Seconds and tokens per second.
@@ -187,15 +205,18 @@ def prefill_seconds(shape: Shape, wafer: Wafer, side: int, prompt: int, dtype: s
     """
     if not isinstance(prompt, int) or prompt < 1:
         raise ValueError(f"prompt={prompt!r} must be a positive number of tokens")
-    layout(shape, wafer, side, dtype)  # raises if the layers do not fit
+    layout(shape, wafer, side, dtype, wafers=wafers)  # raises if the layers do not fit
     d = shape.d_model
-    products = sum(gemm_cycles(wafer, prompt, n, m, side, method, dtype)["total"]
-                   for _, m, n in shape.products())
-    attention = (gemm_cycles(wafer, prompt, d, prompt, side, method, dtype)["total"]
-                 + gemm_cycles(wafer, prompt, prompt, d, side, method, dtype)["total"])
+    def gemm(m, k, n):  # the lockstep bound: within a cycle of Cannon's dataflow on the interleaved ring
+        return gemm_cycles(wafer, m, k, n, side, method, dtype, dataflow=False)["total"]
+
+    products = sum(gemm(prompt, n, m) for _, m, n in shape.products())
+    attention = gemm(prompt, d, prompt) + gemm(prompt, prompt, d)
     head = gemv_cycles(wafer, shape.vocab, d, (side, side), 2, dtype)["total"]
     cycles = shape.n_layer * (products + attention) + head
-    return {"seconds": cycles / wafer.clock_hz, "tokens_per_s": prompt * wafer.clock_hz / cycles}
+    between = (wafers - 1) * (SWARMX_LEVEL_S + prompt * d * dtype_bytes(dtype) * 8 / wafer.io_bits_per_s)
+    seconds = cycles / wafer.clock_hz + between
+    return {"seconds": seconds, "tokens_per_s": prompt / seconds}
 
 
 def gpu_decode(shape: Shape, gpu: GPU, context: int, dtype: str = "bf16") -> dict:
