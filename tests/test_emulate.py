@@ -10,7 +10,7 @@ import torch
 from minigpt.generate import generate
 from minigpt.model import GPT, GPTConfig
 from wafer import placement as pl
-from wafer.emulate import Emulator
+from wafer.emulate import Emulator, program
 from wafer.hardware import TOY
 from wafer.mesh import MeshError
 from wafer.workload import gpt_workload
@@ -34,6 +34,12 @@ def test_logits_equal_torchs_for_several_prompts(model):
             assert np.abs(logits - ref[j]).max() < 1e-4
     simulated, predicted = em.cycles()
     assert 0.85 < simulated / predicted < 1.15
+    # the cost model of the same program, computed without the mesh, phase for phase
+    em.reset()
+    em.step(3)
+    em.step(9)
+    token = em.phases[len(em.phases) // 2:]  # the second token's phases
+    assert [(p.name, p.stage, p.predicted) for p in token] == program(model.config, em.placement, 1)
 
 
 def test_greedy_generation_gives_the_same_tokens(model):

@@ -62,6 +62,65 @@ class Phase:
     predicted: int
 
 
+# --- the cost model of each phase (chapter 09's formulas), shared by the emulator and program() -------
+
+
+def gemv_phase(wafer: Wafer, out: int, inp: int, rect, turned: bool, finish: int, levels: int = 2) -> int:
+    """A GEMV on ``rect`` from the top row to the first column (or, ``turned``, back), and the
+    ``finish`` cycles per output element at the end (bias, GELU, residual)."""
+    across = rect.h if not turned else rect.w  # output blocks
+    grid = (rect.h, rect.w) if not turned else (rect.w, rect.h)  # (broadcast length, reduction length)
+    block = max(b - a for a, b in _split(out, across))
+    return gemv_cycles(wafer, out, inp, grid, levels)["total"] + finish * block
+
+
+def layernorm_phase(wafer: Wafer, n: int, pes: int, levels: int = 2) -> int:
+    """Local sums, an allreduce of the two along ``pes`` PEs, the local normalisation."""
+    block = max(b - a for a, b in _split(n, pes))
+    sums = allreduce_cycles(wafer, pes, 2, levels) if pes > 1 else 0
+    return 2 * block + sums + CYCLES["layernorm"] * block
+
+
+def attention_phase(wafer: Wafer, n: int, heads: int, t: int, pes: int, levels: int = 2) -> int:
+    """Partial scores of ``t`` positions, their allreduce down ``pes`` PEs, softmax and the values."""
+    block = max(b - a for a, b in _split(n, pes))
+    scores = allreduce_cycles(wafer, pes, heads * t, levels) if pes > 1 else 0
+    return t * block + scores + CYCLES["softmax"] * heads * t + t * block
+
+
+def transfer_phase(wafer: Wafer, n: int, pes: int, hops: int) -> int:
+    return transfer_cycles(wafer, hops, max(b - a for a, b in _split(n, pes)))
+
+
+def program(config, placement: pl.Placement, position: int, levels: int = 2) -> list[tuple[str, str, int]]:
+    """The cost model's (phase, stage, cycles) of one token at ``position`` for the emulator's program
+    on ``placement``, without running it: the same phases, on grids of any size (WSE-2 included).
+
+    Built in: 13_emulation
+    """
+    w, rects, names = placement.wafer, placement.rects, [s.name for s in placement.stages]
+    c, t = config.n_embd, position + 1
+    gap = [abs(rects[i + 1].y - rects[i].y) for i in range(len(rects) - 1)]
+    out = [("embed", names[0], max(b - a for a, b in _split(c, rects[0].w))),
+           ("transfer", names[0], transfer_phase(w, c, rects[0].w, gap[0]))]
+    for layer in range(config.n_layer):
+        i, r = layer + 1, rects[layer + 1]
+        out.append(("layernorm", names[i], layernorm_phase(w, c, r.w, levels)))
+        for name in ("Wq", "Wk", "Wv"):
+            out.append((name, names[i], gemv_phase(w, c, c, r, False, CYCLES["add"], levels)))
+        out.append(("attention", names[i], attention_phase(w, c, config.n_head, t, r.h, levels)))
+        out.append(("Wo", names[i], gemv_phase(w, c, c, r, True, 2 * CYCLES["add"], levels)))
+        out.append(("layernorm", names[i], layernorm_phase(w, c, r.w, levels)))
+        gelu = CYCLES["add"] + CYCLES["gelu"]
+        out.append(("Wfc", names[i], gemv_phase(w, 4 * c, c, r, False, gelu, levels)))
+        out.append(("Wproj", names[i], gemv_phase(w, c, 4 * c, r, True, 2 * CYCLES["add"], levels)))
+        out.append(("transfer", names[i], transfer_phase(w, c, r.w, gap[i])))
+    r = rects[-1]
+    out.append(("layernorm", names[-1], layernorm_phase(w, c, r.w, levels)))
+    out.append(("Whead", names[-1], gemv_phase(w, config.vocab_size, c, r, False, 0, levels)))
+    return out
+
+
 class Emulator:
     """``model`` (a minigpt GPT) loaded onto a ``wafer`` grid with ``placement`` (by default
     FLOP-proportional strips in one column), run one token at a time.
@@ -200,9 +259,7 @@ class Emulator:
             for pe, ops in plan.items():
                 tasks[pe].extend(ops)
             tasks[line[0]].append(Compute(finish[1] * m, lambda mem: finish[0](mem, mem["part"]), dst))
-        grid = (r.h, r.w) if not turned else (r.w, r.h)
-        predicted = gemv_cycles(self.wafer, out, inp, grid, self.levels)["total"]
-        self._run(f"{w} ({out} x {inp})", i, tasks, predicted + finish[1] * max(b - a for a, b in outs))
+        self._run(w, i, tasks, gemv_phase(self.wafer, out, inp, r, turned, finish[1], self.levels))
 
     def _layernorm(self, i: int, src: str, dst: str, g: str, b: str) -> None:
         """dst = LayerNorm(src) across the top row of stage i."""
@@ -225,14 +282,11 @@ class Emulator:
             var = mem["sums"][1] / c - mean**2
             mem[dst] = (mem[src] - mean) / np.sqrt(var + eps) * mem[g] + mem[b]
 
-        block = max(len(self.mesh.load(pe, src)) for pe in top)
         for pe in top:
             n = len(self.mesh.load(pe, src))
             self._store(pe, dst, np.zeros(n))
             tasks[pe].append(Compute(CYCLES["layernorm"] * n, normalize, "normalize"))
-        sums = allreduce_cycles(self.wafer, len(top), 2, self.levels) if len(top) > 1 else 0
-        predicted = 2 * block + sums
-        self._run("layernorm", i, tasks, predicted + CYCLES["layernorm"] * block)
+        self._run("layernorm", i, tasks, layernorm_phase(self.wafer, c, len(top), self.levels))
 
     def _attention(self, i: int) -> None:
         """The new position's q, k, v (down the first column) against the cache: out 'o'."""
@@ -270,9 +324,7 @@ class Emulator:
                 mem["o"] = np.einsum("tj,jt->j", mem["V"][:t], p[head_of])
 
             tasks[pe].append(Compute(CYCLES["softmax"] * heads * t + t * (b - a), weigh, "softmax, p V"))
-        block = max(b - a for a, b in blocks)
-        predicted = (t * block + (allreduce_cycles(self.wafer, len(first), heads * t, self.levels)
-                                  if len(first) > 1 else 0) + CYCLES["softmax"] * heads * t + t * block)
+        predicted = attention_phase(self.wafer, cfg.n_embd, heads, t, len(first), self.levels)
         self._run("attention", i, tasks, predicted)
 
     def _transfer(self, i: int) -> None:
@@ -287,8 +339,7 @@ class Emulator:
             tasks.setdefault(a, []).append(Send(route, "x"))
             tasks.setdefault(b, []).append(Recv(route, "x", n))
         hops = abs(dst[0][1] - src[0][1])
-        block = max(len(self.mesh.load(pe, "x")) for pe in src)
-        self._run("transfer", i, tasks, transfer_cycles(self.wafer, hops, block))
+        self._run("transfer", i, tasks, transfer_phase(self.wafer, self.config.n_embd, len(src), hops))
 
     def step(self, token: int) -> np.ndarray:
         """Run one token at the next position through every stage; return its logits."""
@@ -300,8 +351,7 @@ class Emulator:
         pos = self.position
         tasks = {pe: [Compute(len(self.mesh.load(pe, "x")), lambda mem: mem.__setitem__(
             "x", mem["wte"][token] + mem["wpe"][pos]), "embed")] for pe in self._top(0)}
-        block = max(len(self.mesh.load(pe, "x")) for pe in self._top(0))
-        self._run("embed", 0, tasks, block)
+        self._run("embed", 0, tasks, max(b - a for a, b in _split(cfg.n_embd, self.width)))
         self._transfer(0)
         c = cfg.n_embd
 
