@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=300 --nbval-sanitize-with nbval_sanitize.cfg
 LAB_ARGS ?=
 
-.PHONY: install lab test unit nbval lint sync bench html clean
+.PHONY: install lab test unit nbval lint sync bench html times clean
 
 install: $(STAMP)
 
@@ -39,9 +39,17 @@ lint: $(STAMP)
 sync: $(STAMP)
 	$(PY) scripts/sync.py $(if $(FORCE),--force) $(CHAPTERS)
 
+## make html: the book as a website in build/site/_build/html (from the executed notebooks)
+html: $(STAMP)
+	$(PY) scripts/site.py
+
+## make times: execute every chapter in a temporary copy and print each one's run time
+times: $(STAMP)
+	$(PY) scripts/chapter_times.py $(CHAPTERS)
+
 ## make bench: benchmarks; tables on stdout, JSON in bench/results/
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build

@@ -299,7 +299,9 @@ class BPETokenizer(_SavedAsText):
 
     # -- files ---------------------------------------------------------------------------------------
     def to_text(self) -> str:
-        """The tokenizer as text. Format, one item per line::
+        """The tokenizer as text, one item per line.
+
+        The format::
 
             minigpt-bpe 1
             pattern <the pre-split regex as a JSON string>
