@@ -227,15 +227,21 @@ def reduce(mesh: Mesh, pes: list, name: str, levels: int = 1) -> Report:
     return mesh.run()
 
 
+def allreduce_plan(mesh: Mesh, pes: list, name: str, count: int, levels: int = 1) -> dict:
+    """The routes and each PE's operations of an allreduce of ``count`` values of ``name`` over the
+    line ``pes``: a reduce toward ``pes[0]``, then its broadcast back on the next free color."""
+    plan = reduce_plan(mesh, pes, name, count, levels)
+    color = max(c for (_, c) in mesh.routes) + 1
+    back = broadcast_plan(mesh, pes[0], pes, name, count, color)
+    return {pe: plan[pe] + back[pe] for pe in pes}
+
+
 def allreduce(mesh: Mesh, pes: list, name: str, levels: int = 1) -> Report:
     """Every PE of ``pes`` ends with the sum of their buffers ``name``: a reduce, then a broadcast.
 
     Built in: 09_mesh
     """
-    count = mesh.load(pes[0], name).size
-    plan = reduce_plan(mesh, pes, name, count, levels)
-    colors = {r for (_, r) in mesh.routes}
-    _program(mesh, plan, broadcast_plan(mesh, pes[0], pes, name, count, max(colors) + 1))
+    _program(mesh, allreduce_plan(mesh, pes, name, mesh.load(pes[0], name).size, levels))
     return mesh.run()
 
 

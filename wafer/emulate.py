@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from wafer import placement as pl
-from wafer.collectives import broadcast_plan, reduce_plan, route_path
+from wafer.collectives import allreduce_plan, broadcast_plan, reduce_plan, route_path, straight
 from wafer.cost import allreduce_cycles, gemv_cycles, transfer_cycles
 from wafer.hardware import TOY, Wafer
 from wafer.mesh import Compute, Mesh, Recv, Send
@@ -271,11 +271,8 @@ class Emulator:
             tasks[pe] = [Compute(2 * len(self.mesh.load(pe, src)), lambda mem: mem.__setitem__(
                 "sums", np.array([mem[src].sum(), (mem[src] ** 2).sum()])), "sums")]
         if len(top) > 1:
-            plan = reduce_plan(self.mesh, top, "sums", 2, self.levels)
-            colors = {k for (_, k) in self.mesh.routes}
-            back = broadcast_plan(self.mesh, top[0], top, "sums", 2, max(colors) + 1)
-            for pe in top:
-                tasks[pe] += plan[pe] + back[pe]
+            for pe, ops in allreduce_plan(self.mesh, top, "sums", 2, self.levels).items():
+                tasks[pe] += ops
 
         def normalize(mem):
             mean = mem["sums"][0] / c
@@ -308,11 +305,8 @@ class Emulator:
 
             tasks[pe] = [Compute(t * (b - a), partial, "q . K")]
         if len(first) > 1:
-            plan = reduce_plan(self.mesh, first, "scores", heads * t, self.levels)
-            colors = {k for (_, k) in self.mesh.routes}
-            back = broadcast_plan(self.mesh, first[0], first, "scores", heads * t, max(colors) + 1)
-            for pe in first:
-                tasks[pe] += plan[pe] + back[pe]
+            for pe, ops in allreduce_plan(self.mesh, first, "scores", heads * t, self.levels).items():
+                tasks[pe] += ops
         for pe, (a, b) in zip(first, blocks):
             self._store(pe, "o", np.zeros(b - a))
 
@@ -333,8 +327,7 @@ class Emulator:
         tasks: dict = {}
         route = 0
         for a, b in zip(src, dst):
-            route_path(self.mesh, [(a[0], y) for y in range(a[1], b[1] + (1 if b[1] > a[1] else -1),
-                                                             1 if b[1] > a[1] else -1)], route)
+            route_path(self.mesh, straight(a, b), route)
             n = len(self.mesh.load(a, "x"))
             tasks.setdefault(a, []).append(Send(route, "x"))
             tasks.setdefault(b, []).append(Recv(route, "x", n))

@@ -43,8 +43,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from wafer.collectives import broadcast_plan, reduce_plan, route_path, straight
 from wafer.cost import reduce_colors, wavelets
 from wafer.hardware import Wafer, dtype_bytes
+from wafer.mesh import Compute, Mesh, Recv, Send
 from wafer.workload import Workload
 
 MODES = ("inference", "training")
@@ -294,15 +296,11 @@ def _lane_ends(a: Rect, b: Rect) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
 def _lanes(a: Rect, b: Rect) -> list[list[tuple[int, int]]]:
     """The PEs of each lane of a transfer from ``a`` to ``b``, sender first (see :func:`_lane_ends`):
     straight, or down (up) the sender's column and then along the receiver's row."""
-    def line(p, q):
-        (px, py), (qx, qy) = p, q
-        n = abs(qx - px) + abs(qy - py)
-        sx, sy = (qx > px) - (qx < px), (qy > py) - (qy < py)
-        return [(px + sx * i, py + sy * i) for i in range(n + 1)]
-
     out = []
     for xa, ya, xb, yb in zip(*(v.tolist() for v in _lane_ends(a, b))):
-        out.append(line((xa, ya), (xa, yb)) + line((xa, yb), (xb, yb))[1:])
+        turn = (xa, yb)  # down (or up) the sender's column, then along the receiver's row
+        down = straight((xa, ya), turn) if ya != yb else [turn]
+        out.append(down + (straight(turn, (xb, yb))[1:] if xb != xa else []))
     return out
 
 
@@ -449,9 +447,6 @@ def simulate(p: Placement, tokens: int | None = None) -> Simulated:
 
     Built in: 10_placement
     """
-    from wafer.collectives import broadcast_plan, reduce_plan, route_path
-    from wafer.mesh import Compute, Mesh, Recv, Send
-
     if p.mode != "inference":
         raise ValueError(f"simulate runs inference placements; this one is for {p.mode}")
     w, n = p.wafer, len(p.stages)

@@ -203,11 +203,9 @@ def training_time(model, tokens: float, cluster: Cluster, batch: int, context: i
     """
     if not tokens >= 0 or math.isinf(tokens):
         raise ValueError(f"tokens={tokens!r} must be a non-negative, finite number of tokens")
-    step = weight_streaming(model, cluster, batch, context, **kwargs)
-    context = (model.context if isinstance(model, Workload) else
-               gpt_workload(model, context=context, dtype="fp16").context)
-    steps = math.ceil(tokens / (batch * context))
-    work = model if isinstance(model, Workload) else gpt_workload(model, context=context, dtype="fp16")
+    work, _ = _stages(model, context)
+    step = weight_streaming(work, cluster, batch, **kwargs)
+    steps = math.ceil(tokens / (batch * work.context))
     return TrainingTime(tokens=tokens, steps=steps, step_s=step.step, days=steps * step.step / 86400,
                         flops=work.training_flops() * tokens, utilisation=step.utilisation)
 

@@ -234,16 +234,15 @@ class TrainingEstimator:
         from wafer.streaming import gpu_training_days, training_time
         from wafer.workload import gpt_workload
 
-        config = self.models[self.model.value]
-        params = gpt_workload(config, context=2048, dtype="fp16").params
-        tokens = self.ratio.value * params
+        work = gpt_workload(self.models[self.model.value], context=2048, dtype="fp16")
+        tokens = self.ratio.value * work.params
         systems = self.systems.value
         per_system = max(8, 240 // systems)  # sequences per system: at least 8, about 240 in all
-        t = training_time(config, tokens, Cluster(WSE2, systems), per_system * systems, 2048)
+        t = training_time(work, tokens, Cluster(WSE2, systems), per_system * systems)
         gpus = round(systems * WSE2.peak_flops("fp16") / H100.peak_flops())  # the same dense peak
-        return {"params": params, "tokens": tokens, "flops": t.flops, "days": t.days,
+        return {"params": work.params, "tokens": tokens, "flops": t.flops, "days": t.days,
                 "utilisation": t.utilisation, "gpus": gpus,
-                "gpu_days": gpu_training_days(config, tokens, H100, gpus, self.mfu.value, 2048)}
+                "gpu_days": gpu_training_days(work, tokens, H100, gpus, self.mfu.value)}
 
     def _update(self, change=None) -> None:
         try:

@@ -4,6 +4,7 @@ The tests need Debian's Chromium and the playwright package. Without them they s
 REQUIRE_BROWSER=1 (set by CI), which makes their absence a failure.
 """
 
+import contextlib
 import os
 import shutil
 import sys
@@ -118,3 +119,24 @@ def open_and_run(page, base, token, notebook, ready):
     news = page.get_by_role("button", name="No", exact=True)  # JupyterLab's news prompt
     if news.count():
         news.first.click()
+
+
+@contextlib.contextmanager
+def notebook_page(lab, notebook: str, ready: str, name: str):
+    """A Chromium page with ``notebook`` open in JupyterLab and all its cells run (``ready`` shown).
+    On failure, a screenshot ``{name}_failure.png`` and the errors the notebook shows join the message."""
+    from playwright.sync_api import sync_playwright
+
+    base, token = lab
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        try:
+            open_and_run(page, base, token, notebook, ready)
+            yield page
+        except Exception as e:
+            page.screenshot(path=str(ARTIFACTS / f"{name}_failure.png"))
+            raise AssertionError(f"{e}\nerrors shown in the notebook:\n{errors_on_page(page)[-3000:]}") from e
+        finally:
+            browser.close()

@@ -2,7 +2,7 @@
 changes its map and its throughput readout."""
 
 import pytest
-from browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, errors_on_page, lab, open_and_run, wait_for_new_image
+from browser import ARTIFACTS, errors_on_page, lab, notebook_page, wait_for_new_image
 
 pytestmark = pytest.mark.e2e
 __all__ = ["lab"]  # the fixture, imported for pytest
@@ -26,41 +26,28 @@ def changed(page, old_readout, old_src):
 
 
 def test_model_and_strategy_change_the_map_and_the_throughput(lab):
-    from playwright.sync_api import sync_playwright
+    with notebook_page(lab, "10_placement.ipynb", READOUT, "placement_explorer") as page:
+        image = page.locator(".jp-OutputArea img.widget-image").first
+        image.scroll_into_view_if_needed()
+        wait_for_new_image(page, "")
+        readout = page.locator(READOUT).first.inner_text().strip()
+        assert "tokens/s" in readout and "slowest stage: head" in readout  # equal serpentine strips
+        first = image.screenshot()
 
-    base, token = lab
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})
-        try:
-            open_and_run(page, base, token, "10_placement.ipynb", READOUT)
-            image = page.locator(".jp-OutputArea img.widget-image").first
-            image.scroll_into_view_if_needed()
-            wait_for_new_image(page, "")
-            readout = page.locator(READOUT).first.inner_text().strip()
-            assert "tokens/s" in readout and "slowest stage: head" in readout  # equal serpentine strips
-            first = image.screenshot()
+        src = image.get_attribute("src")
+        choose(page, "model", "Cerebras-GPT 111M")
+        second_readout = changed(page, readout, src)
+        second = image.screenshot()
+        assert second != first, "changing the model did not change the map"
 
-            src = image.get_attribute("src")
-            choose(page, "model", "Cerebras-GPT 111M")
-            second_readout = changed(page, readout, src)
-            second = image.screenshot()
-            assert second != first, "changing the model did not change the map"
+        src = image.get_attribute("src")
+        choose(page, "strategy", "FLOP-proportional")
+        third_readout = changed(page, second_readout, src)
+        assert image.screenshot() not in (first, second), "changing the strategy did not change the map"
+        speed = [float(r.split(" tokens/s")[0].replace(",", "")) for r in (second_readout, third_readout)]
+        assert speed[1] > 2 * speed[0], f"balanced areas should be far faster: {speed}"
 
-            src = image.get_attribute("src")
-            choose(page, "strategy", "FLOP-proportional")
-            third_readout = changed(page, second_readout, src)
-            assert image.screenshot() not in (first, second), "changing the strategy did not change the map"
-            speed = [float(r.split(" tokens/s")[0].replace(",", "")) for r in (second_readout, third_readout)]
-            assert speed[1] > 2 * speed[0], f"balanced areas should be far faster: {speed}"
-
-            box = page.locator(".jp-OutputArea .widget-vbox", has=page.locator(".placement-readout")).first
-            box.scroll_into_view_if_needed()
-            box.screenshot(path=str(ARTIFACTS / "placement_explorer.png"))
-            assert not errors_on_page(page)
-        except Exception as e:
-            page.screenshot(path=str(ARTIFACTS / "placement_explorer_failure.png"))
-            raise AssertionError(f"{e}\nerrors shown in the notebook:\n{errors_on_page(page)[-3000:]}") from e
-        finally:
-            browser.close()
+        box = page.locator(".jp-OutputArea .widget-vbox", has=page.locator(".placement-readout")).first
+        box.scroll_into_view_if_needed()
+        box.screenshot(path=str(ARTIFACTS / "placement_explorer.png"))
+        assert not errors_on_page(page)
