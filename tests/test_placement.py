@@ -23,6 +23,7 @@ from wafer.placement import (
     stage_bytes,
     strips,
 )
+from wafer.target import Target
 from wafer.workload import gpt_workload
 
 
@@ -47,8 +48,9 @@ def test_stages_account_for_the_workload():
     assert [x.name for x in s] == ["embed", "h0", "h1", "h2", "head"]
     assert sum(x.flops for x in s) == sum(op.flops for op in w.ops)
     assert sum(x.params for x in s) == w.params + 50 * 32  # the head holds its own copy of the tied matrix
-    assert stage_bytes(s[1], "inference", 16, "fp32") == (s[1].params + 2 * 32 * 16) * 4
-    assert stage_bytes(s[1], "training", 16, "fp32") == s[1].params * 16 + s[1].act_elems * 16 * 4
+    assert stage_bytes(s[1], Target(TOY, "inference", 16, "fp32")) == (s[1].params + 2 * 32 * 16) * 4
+    train = Target(TOY, "training", 16, "fp32")
+    assert stage_bytes(s[1], train) == s[1].params * 16 + s[1].act_elems * 16 * 4
 
 
 @settings(max_examples=40, deadline=None)
@@ -136,10 +138,10 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"does not fit in training: up to layer h\d+ it needs [\d,]+ "
                                          r"bytes of SRAM \(in whole PEs\), and the WSE-2 grid has "
                                          r"36,642,816,000"):
-        check_model_fits(stages_of(big), WSE2, "training", 2048)
+        check_model_fits(stages_of(big), Target(WSE2, "training", 2048))
     with pytest.raises(ValueError, match=r"layer embed alone needs 78,767,616 bytes of SRAM in inference; "
                                          r"the TOY grid has 50,331,648"):
-        check_model_fits(stages_of(GPTConfig()), TOY, "inference", 1024)
+        check_model_fits(stages_of(GPTConfig()), Target(TOY, "inference", 1024))
 
 
 @pytest.mark.parametrize("mode", ["inference", "training"])

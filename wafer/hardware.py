@@ -13,9 +13,31 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Dtype = Literal["fp32", "fp16", "bf16"]
 
 # Bytes per element of the number formats the book uses.
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+# The number formats, one policy for the whole package (each function's default is one of these):
+# - a model on the wafer (its weights, activations and KV cache in placement, streaming, inference)
+#   is 16-bit: fp16, the format at which a WSE PE's SIMD FMAC runs at its full width;
+MODEL_DTYPE: Dtype = "fp16"
+# - a kernel run on the mesh simulator (GEMV, GEMM, collectives, the emulator) is fp32: the
+#   simulator's wavelets are 32 bits and it computes in NumPy float32;
+KERNEL_DTYPE: Dtype = "fp32"
+# - a GPU computes in bf16, the format its published dense tensor-core peaks are quoted for.
+GPU_DTYPE: Dtype = "bf16"
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` if it is a positive integer (not a bool); else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    return int(value)
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -158,10 +180,10 @@ class Cluster:
 WSE1 = Wafer(
     name="WSE-1",
     width=600, height=595,  # D (a lower bound): SC20 (Rocki et al.) put a 600 x 595 mesh, one column per PE
-    clock_hz=1.1e9,  # U: assumed equal to WSE-2's WaferLLM convention
-    sram_bytes_per_pe=48 * 1024,  # U: 18 GB / 400k cores = 45 KB; 48 KiB assumed as on WSE-2
+    clock_hz=1.1e9,  # A: assumed equal to WSE-2's WaferLLM convention
+    sram_bytes_per_pe=48 * 1024,  # A: 18 GB / 400k cores = 45 KB; 48 KiB assumed as on WSE-2
     fp32_fmacs_per_cycle=1,  # U
-    fp16_fmacs_per_cycle=4,  # U: as WSE-2
+    fp16_fmacs_per_cycle=4,  # A: as WSE-2
     cores_marketed=400_000,  # P: vendor
     sram_bytes_published=18e9,  # P/S: vendor, "18 GB"
     power_w=20_000,  # S
@@ -186,9 +208,9 @@ WSE2 = Wafer(
 WSE3 = Wafer(
     name="WSE-3",
     width=755, height=1170,  # D: fabric 762 x 1172, width <= fabric_x - 7, height <= fabric_y - 2
-    clock_hz=1.1e9,  # U: WaferLLM's WSE-2 convention, assumed
+    clock_hz=1.1e9,  # A: WaferLLM's WSE-2 convention, assumed
     sram_bytes_per_pe=48 * 1024,  # P
-    fp32_fmacs_per_cycle=1,  # U: as WSE-2
+    fp32_fmacs_per_cycle=1,  # A: as WSE-2
     fp16_fmacs_per_cycle=8,  # S: press, 8-wide SIMD FMAC
     cores_marketed=900_000,  # P: vendor
     colors=24,  # P

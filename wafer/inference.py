@@ -34,70 +34,12 @@ from dataclasses import dataclass
 
 from wafer.cost import allreduce_cycles, gemm_cycles, gemv_cycles, roofline
 from wafer.hardware import GPU, Wafer, dtype_bytes
+from wafer.shape import CODELLAMA_34B, LLAMA2_13B, LLAMA3_8B, QWEN2_72B, SHAPES, Shape
 from wafer.streaming import SWARMX_LEVEL_S
 
-
-@dataclass(frozen=True)
-class Shape:
-    """A decoder-only transformer's shape: grouped-query attention (``n_kv_head`` key and value heads
-    shared by ``n_head`` query heads) and a gated MLP (three matrices of d x d_ffn), as in LLaMA and
-    Qwen2; ``gated=False, tied=True`` with n_kv_head = n_head gives GPT-2's shape.
-
-    Built in: 12_inference
-    """
-
-    name: str
-    n_layer: int
-    d_model: int
-    n_head: int
-    n_kv_head: int
-    d_ffn: int
-    vocab: int
-    gated: bool = True
-    tied: bool = False
-
-    def __post_init__(self):
-        for field_ in ("n_layer", "d_model", "n_head", "n_kv_head", "d_ffn", "vocab"):
-            v = getattr(self, field_)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{field_}={v!r} must be a positive integer")
-        if self.d_model % self.n_head or self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head={self.n_head} must divide d_model={self.d_model}, and n_kv_head="
-                             f"{self.n_kv_head} must divide n_head")
-
-    @property
-    def d_kv(self) -> int:
-        """Width of K (and of V): the key-value heads times the head size."""
-        return self.n_kv_head * self.d_model // self.n_head
-
-    def products(self) -> list[tuple[str, int, int]]:
-        """One layer's products with weights, as (name, outputs, inputs)."""
-        d = self.d_model
-        mlp_in = (2 if self.gated else 1) * self.d_ffn
-        return [("qkv", d + 2 * self.d_kv, d), ("out", d, d), ("mlp in", mlp_in, d),
-                ("mlp out", d, self.d_ffn)]
-
-    @property
-    def layer_params(self) -> int:
-        return sum(m * n for _, m, n in self.products()) + 2 * self.d_model  # and two norms' scales
-
-    @property
-    def params(self) -> int:
-        tables = self.vocab * self.d_model * (1 if self.tied else 2)  # embedding, and an untied head
-        return self.n_layer * self.layer_params + tables + self.d_model
-
-    def kv_bytes_per_token(self, dtype: str = "fp16") -> int:
-        """K and V of every layer, for one token."""
-        return 2 * self.n_layer * self.d_kv * dtype_bytes(dtype)
+__all__ = ["CODELLAMA_34B", "LLAMA2_13B", "LLAMA3_8B", "QWEN2_72B", "SHAPES", "Shape"]  # re-exported
 
 
-# Shapes from each model's config.json as published with its weights (Meta; Qwen).
-LLAMA3_8B = Shape("LLaMA-3-8B", n_layer=32, d_model=4096, n_head=32, n_kv_head=8, d_ffn=14336, vocab=128256)
-LLAMA2_13B = Shape("LLaMA-2-13B", n_layer=40, d_model=5120, n_head=40, n_kv_head=40, d_ffn=13824, vocab=32000)
-CODELLAMA_34B = Shape("CodeLLaMA-34B", n_layer=48, d_model=8192, n_head=64, n_kv_head=8, d_ffn=22016,
-                      vocab=32000)
-QWEN2_72B = Shape("Qwen2-72B", n_layer=80, d_model=8192, n_head=64, n_kv_head=8, d_ffn=29568, vocab=152064)
-SHAPES = {s.name: s for s in (LLAMA3_8B, LLAMA2_13B, CODELLAMA_34B, QWEN2_72B)}
 
 
 @dataclass

@@ -45,12 +45,17 @@ import numpy as np
 
 from wafer.collectives import broadcast_plan, reduce_plan, route_path, straight
 from wafer.cost import reduce_colors, wavelets
-from wafer.hardware import Wafer, dtype_bytes
+from wafer.hardware import Wafer
 from wafer.mesh import Compute, Mesh, Recv, Send
-from wafer.workload import Workload
-
-MODES = ("inference", "training")
-TRAINING_BYTES_PER_PARAM = 16  # fp16 weight + fp16 gradient + fp32 master + fp32 Adam m and v
+from wafer.stages import (  # noqa: F401  (re-exported while the package is split)
+    TRAINING_BYTES_PER_PARAM,
+    Stage,
+    check_model_fits,
+    pipeline_stages,
+    stage_bytes,
+    stage_flops,
+)
+from wafer.target import MODES, Target
 
 
 @dataclass(frozen=True)
@@ -95,82 +100,6 @@ class Rect:
         return self.x1 <= width and self.y1 <= height
 
 
-@dataclass(frozen=True)
-class Stage:
-    """A pipeline stage: a group of a workload's ops that gets one rectangle."""
-
-    name: str
-    flops: float  # forward FLOPs per token (every op kind)
-    params: int  # parameters it holds
-    act_elems: int  # elements it writes per token (kept for the backward pass in training)
-    out_elems: int  # elements it sends to the next stage per token
-    kv_elems: int = 0  # K and V elements per token of context (attention layers)
-    matmul_in: int = 0  # elements its matrix products read per token, summed over the products
-    matmul_out: int = 0  # elements they write per token
-    products: int = 0  # matrix products one after another (each waits for the one before)
-
-
-def pipeline_stages(workload: Workload) -> list[Stage]:
-    """One stage per layer of ``workload``: the embeddings, each block, and the head.
-
-    The head reads the tied token embedding; on the wafer both the embedding stage and the head
-    stage hold a copy of that matrix (an assumption: the lookup and the product sit at opposite
-    ends of the pipeline).
-
-    Built in: 10_placement
-    """
-    out = []
-    c = workload.n_embd
-    for layer, ops in workload.layers().items():
-        name = "embed" if layer < 0 else "head" if layer == workload.n_layer else f"h{layer}"
-        out.append(Stage(
-            name=name,
-            flops=sum(op.flops for op in ops),
-            params=sum(op.weight_params + op.reads_params for op in ops),
-            act_elems=sum(op.activation_elems for op in ops),
-            out_elems=0 if name == "head" else c,
-            kv_elems=2 * c if name.startswith("h") else 0,
-            matmul_in=sum(op.inputs for op in ops),
-            matmul_out=sum(op.activation_elems for op in ops if op.kind == "matmul"),
-            products=sum(op.kind == "matmul" for op in ops),
-        ))
-    return out
-
-
-def stage_bytes(stage: Stage, mode: str, context: int, dtype: str = "fp16") -> int:
-    """SRAM a stage needs in ``mode`` (see the module's assumptions)."""
-    b = dtype_bytes(dtype)
-    if mode == "inference":
-        return stage.params * b + stage.kv_elems * context * b
-    if mode == "training":
-        return stage.params * TRAINING_BYTES_PER_PARAM + stage.act_elems * context * b
-    raise ValueError(f"mode={mode!r} is not one of {MODES}")
-
-
-def stage_flops(stage: Stage, mode: str) -> float:
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not one of {MODES}")
-    return stage.flops * (3.0 if mode == "training" else 1.0)
-
-
-def check_model_fits(stages: list[Stage], wafer: Wafer, mode: str, context: int, dtype: str = "fp16") -> None:
-    """Raise if no placement can hold the model: name the layer at which SRAM runs out.
-
-    Built in: 10_placement
-    """
-    available = wafer.pes * wafer.sram_bytes_per_pe
-    need = 0
-    for s in stages:
-        own = stage_bytes(s, mode, context, dtype)
-        if own > available:
-            raise ValueError(f"layer {s.name} alone needs {own:,} bytes of SRAM in {mode}; the {wafer.name} "
-                             f"grid has {available:,}")
-        need += math.ceil(own / wafer.sram_bytes_per_pe) * wafer.sram_bytes_per_pe  # whole PEs
-        if need > available:
-            raise ValueError(f"the model does not fit in {mode}: up to layer {s.name} it needs {need:,} "
-                             f"bytes of SRAM (in whole PEs), and the {wafer.name} grid has {available:,}")
-
-
 @dataclass
 class Placement:
     """Stages and their rectangles on a wafer, for a mode, context and number format.
@@ -205,6 +134,10 @@ class Placement:
                 if ra.overlaps(rb):
                     raise ValueError(f"stages {self.stages[a].name} and {self.stages[b].name} overlap: {ra} "
                                      f"and {rb}")
+
+    @property
+    def target(self) -> Target:
+        return Target(self.wafer, self.mode, self.context, self.dtype)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -362,7 +295,7 @@ def evaluate(p: Placement) -> Evaluation:
         colors[i] = 1 + reduce_colors(r.w, 1) + directions * int(routed[r.y:r.y1, r.x:r.x1].max())
     transfer_in = np.concatenate([[0.0], transfer[:-1]])
     stage = np.maximum.reduce([compute, internal, transfer, transfer_in])
-    sram = np.array([stage_bytes(s, p.mode, p.context, p.dtype) for s in p.stages]) / area
+    sram = np.array([stage_bytes(s, p.target) for s in p.stages]) / area
     problems = []
     for s, r, b, c in zip(p.stages, p.rects, sram, colors):
         if b > w.sram_bytes_per_pe:
@@ -468,7 +401,7 @@ def simulate(p: Placement, tokens: int | None = None) -> Simulated:
             lane_in.setdefault(path[-1], []).append(Recv(3 + i, "in", per_lane))
     for s, r in zip(p.stages, p.rects):
         pes = [(x, y) for y in range(r.y, r.y1) for x in range(r.x, r.x1)]
-        words = math.ceil(stage_bytes(s, p.mode, p.context, p.dtype) / r.area / 4)
+        words = math.ceil(stage_bytes(s, p.target) / r.area / 4)
         k_in, k_out = _gemv_shares(s, r, p.dtype)
         plan: dict = {pe: [] for pe in pes}
         if k_in:
@@ -597,13 +530,13 @@ def strips(stages: list[Stage], wafer: Wafer, columns: int | None = None, serpen
 
 def _min_pes(stages, wafer, mode, context, dtype) -> np.ndarray:
     per_pe = wafer.sram_bytes_per_pe
-    return np.array([math.ceil(stage_bytes(s, mode, context, dtype) / per_pe) for s in stages])
+    return np.array([math.ceil(stage_bytes(s, Target(wafer, mode, context, dtype)) / per_pe) for s in stages])
 
 
 def balanced_areas(stages, wafer, mode="inference", context=1024, dtype="fp16") -> np.ndarray:
     """PEs per stage proportional to its FLOPs, but never fewer than its weights need: the areas
     that fill the grid with max(memory minimum, lambda x FLOPs), lambda found by bisection."""
-    check_model_fits(stages, wafer, mode, context, dtype)
+    check_model_fits(stages, Target(wafer, mode, context, dtype))
     need = _min_pes(stages, wafer, mode, context, dtype)
     flops = np.array([stage_flops(s, mode) for s in stages])
     lo, hi = 0.0, wafer.pes / max(flops.sum(), 1e-30)

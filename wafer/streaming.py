@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from wafer.hardware import GPU, Cluster, dtype_bytes
-from wafer.placement import pipeline_stages
+from wafer.stages import pipeline_stages
 from wafer.workload import Workload, gpt_workload
 
 # How Cerebras-GPT was trained (Dey et al. 2023, P): systems of Andromeda and sequences per batch. 13B ran on
