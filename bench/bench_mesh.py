@@ -33,7 +33,7 @@ def simulate(n: int) -> tuple[float, int, int, float]:
     y, report = collectives.gemv(A, x, (64, 64), BIG_PE, levels=2)
     seconds = time.perf_counter() - start
     error = float(np.abs(y - A @ x).max() / np.abs(A @ x).max())
-    model = cost.gemv_cycles(BIG_PE, n, n, (64, 64), levels=2)["total"]
+    model = cost.gemv_cycles(BIG_PE, n, n, (64, 64), levels=2).total
     assert error < 1e-12 and model == report.cycles, (error, model, report.cycles)
     return seconds, report.wavelet_hops, report.cycles, error
 

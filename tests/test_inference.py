@@ -9,13 +9,22 @@ from wafer.inference import (
     LLAMA3_8B,
     QWEN2_72B,
     Shape,
-    decode_seconds,
+    decode,
     gpu_decode,
     gpu_prefill,
     layout,
     min_wafers,
-    prefill_seconds,
+    prefill,
 )
+from wafer.target import Target
+
+
+def _decode(shape, wafer, side, context, **kwargs):
+    return decode(shape, Target(wafer, context=context), side, **kwargs)
+
+
+def _prefill(shape, wafer, side, prompt, **kwargs):
+    return prefill(shape, Target(wafer, context=prompt), side, **kwargs)
 
 
 def test_shapes_count_the_published_parameters():
@@ -41,30 +50,44 @@ def test_layout_by_hand_and_the_published_kv_capacity():
 
 
 def test_decode_is_latency_and_prefill_is_compute():
-    wide = decode_seconds(LLAMA3_8B, WSE2, 360, 2048)
-    compute = sum(gemv_cycles(WSE2, m, n, (360, 360), 2, "fp16")["compute"]
+    wide = _decode(LLAMA3_8B, WSE2, 360, 2048)
+    compute = sum(gemv_cycles(WSE2, m, n, (360, 360), 2, "fp16").compute
                   for _, m, n in LLAMA3_8B.products())
-    assert wide["weights"] > 5 * 32 * compute / WSE2.clock_hz  # mostly broadcasts and reductions
-    d = decode_seconds(LLAMA3_8B, WSE2, 180, 2048)
-    longer = decode_seconds(LLAMA3_8B, WSE2, 180, 8192)
-    assert longer["seconds"] > d["seconds"]  # attention grows with the context
-    best = max((120, 180, 360), key=lambda p: decode_seconds(LLAMA3_8B, WSE2, p, 2048)["tokens_per_s"])
+    assert wide.weights_s > 5 * 32 * compute / WSE2.clock_hz  # mostly broadcasts and reductions
+    assert wide.between_wafers_s == 0 and wide.tokens_per_s == 1 / wide.seconds
+    assert wide.seconds == pytest.approx(wide.weights_s + wide.attention_s + wide.allreduce_s + wide.head_s)
+    d = _decode(LLAMA3_8B, WSE2, 180, 2048)
+    longer = _decode(LLAMA3_8B, WSE2, 180, 8192)
+    assert longer.seconds > d.seconds  # attention grows with the context
+    best = max((120, 180, 360), key=lambda p: _decode(LLAMA3_8B, WSE2, p, 2048).tokens_per_s)
     assert best == 180  # more PEs cut compute but lengthen every reduction
     for _, m, n in LLAMA3_8B.products():  # prefill uses Cannon's lockstep bound: within a cycle here
         g = gemm_cycles(WSE2, 512, n, m, 60, "interleave", "fp16")
-        assert 0 <= g["lockstep"] - g["total"] <= 1
-    p = prefill_seconds(LLAMA3_8B, WSE2, 120, 512)
-    assert p["tokens_per_s"] > decode_seconds(LLAMA3_8B, WSE2, 120, 512)["tokens_per_s"]
-    assert decode_seconds(LLAMA3_8B, WSE3, 180, 2048)["tokens_per_s"] > d["tokens_per_s"]  # 8-wide FMACs
+        assert g.lockstep is not None and 0 <= g.lockstep - g.total <= 1
+    p = _prefill(LLAMA3_8B, WSE2, 120, 512)
+    assert p.tokens_per_s > _decode(LLAMA3_8B, WSE2, 120, 512).tokens_per_s
+    assert _decode(LLAMA3_8B, WSE3, 180, 2048).tokens_per_s > d.tokens_per_s  # 8-wide FMACs
+
+
+def test_decode_over_wafers_adds_the_crossings():
+    seven = _decode(QWEN2_72B, WSE2, 360, 2048, wafers=7)
+    crossing = 1e-6 + QWEN2_72B.d_model * 2 * 8 / WSE2.io_bits_per_s  # a switch, and one token's activations
+    assert seven.between_wafers_s == pytest.approx(6 * crossing)
+    parts = seven.weights_s + seven.attention_s + seven.allreduce_s + seven.head_s + seven.between_wafers_s
+    assert seven.seconds == pytest.approx(parts)
+    with pytest.raises(ValueError, match="mode='training'"):
+        decode(LLAMA3_8B, Target(WSE2, "training", 2048), 180)
 
 
 def test_gpu_roofline():
     g = gpu_decode(LLAMA3_8B, H100, 2048)
-    assert g["limit"] == "memory"
+    assert g.limit == "memory"
     nbytes = LLAMA3_8B.params * 2 + 2048 * LLAMA3_8B.kv_bytes_per_token()
-    assert g["tokens_per_s"] == pytest.approx(H100.hbm_bytes_per_s / nbytes)
-    assert gpu_decode(LLAMA3_8B, A100, 2048)["tokens_per_s"] < g["tokens_per_s"]
-    assert gpu_prefill(LLAMA3_8B, H100, 2048)["limit"] == "compute"
+    assert g.memory_s == pytest.approx(nbytes / H100.hbm_bytes_per_s) and g.seconds == g.memory_s
+    assert g.tokens_per_s == pytest.approx(H100.hbm_bytes_per_s / nbytes)
+    assert gpu_decode(LLAMA3_8B, A100, 2048).tokens_per_s < g.tokens_per_s
+    p = gpu_prefill(LLAMA3_8B, H100, 2048)
+    assert p.limit == "compute" and p.tokens_per_s == pytest.approx(2048 / p.compute_s)
 
 
 def test_bad_input():
@@ -74,12 +97,14 @@ def test_bad_input():
         layout(QWEN2_72B, WSE2, 360)
     assert min_wafers(QWEN2_72B, WSE2, 360) == 7 and min_wafers(LLAMA3_8B, WSE2, 360) == 1
     with pytest.raises(ValueError, match="wafers=0"):
-        decode_seconds(LLAMA3_8B, WSE2, 180, 10, wafers=0)
+        _decode(LLAMA3_8B, WSE2, 180, 10, wafers=0)
     with pytest.raises(ValueError, match=r"32 layers at 4 per region of 360 x 360 need 1,036,800 PEs"):
         layout(LLAMA3_8B, WSE2, 360, layers_per_region=4)
     with pytest.raises(ValueError, match="context=0"):
-        decode_seconds(LLAMA3_8B, WSE2, 180, 0)
-    with pytest.raises(ValueError, match="prompt=-5"):
-        prefill_seconds(LLAMA3_8B, WSE2, 180, -5)
+        _decode(LLAMA3_8B, WSE2, 180, 0)
+    with pytest.raises(ValueError, match="context=-5"):
+        _prefill(LLAMA3_8B, WSE2, 180, -5)
+    with pytest.raises(ValueError, match="prompt=0"):
+        gpu_prefill(LLAMA3_8B, H100, 0)
     with pytest.raises(ValueError, match="n_kv_head=3 must divide n_head"):
         Shape("odd", 2, 64, 4, 3, 128, 100)

@@ -120,8 +120,8 @@ def test_gemv_equals_numpy_and_the_model(grid, shape, levels):
     y, report = coll.gemv(A, x, grid, levels=levels)
     np.testing.assert_allclose(y, A @ x, rtol=1e-10, atol=1e-10)
     model = cost.gemv_cycles(TOY, *shape, grid, levels)
-    assert abs(model["total"] / report.cycles - 1) <= 0.10
-    assert model["colors"] == report.colors
+    assert abs(model.total / report.cycles - 1) <= 0.10
+    assert model.colors == report.colors
 
 
 @pytest.mark.parametrize("method", coll.GEMM_METHODS)
@@ -133,10 +133,10 @@ def test_gemm_equals_numpy_and_the_model(method, grid, m, k, n):
     C, report = coll.gemm(A, B, grid, method)
     np.testing.assert_allclose(C, A @ B, rtol=1e-10, atol=1e-10)
     model = cost.gemm_cycles(TOY, m, k, n, grid, method)
-    assert abs(model["total"] / report.cycles - 1) <= 0.10
-    assert model["colors"] == report.colors
+    assert abs(model.total / report.cycles - 1) <= 0.10
+    assert model.colors == report.colors
     if method != "summa" and grid > 2:  # a barrier after every shift would only be slower
-        assert model["lockstep"] >= report.cycles
+        assert model.lockstep >= report.cycles
 
 
 def test_interleaved_ring_neighbours_are_at_most_two_apart():

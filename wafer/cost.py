@@ -1,5 +1,13 @@
 """The analytic model: cycles and seconds from a few constants, checked against the mesh simulator.
 
+It holds the roofline (:class:`Roofline` from :func:`roofline` and :func:`gemv_roofline_gpu`) and
+:func:`bounds`; the SRAM and routing checks (:func:`check_fits`, :func:`check_routable`,
+:func:`reduce_colors`); the cycles of transfers and collectives (:func:`wavelets`,
+:func:`compute_cycles`, :func:`transfer_cycles`, :func:`broadcast_cycles`, :func:`reduce_cycles`,
+:func:`allreduce_cycles`); GEMV and GEMM (:class:`GemvCycles` from :func:`gemv_cycles`,
+:class:`GemmCycles` from :func:`gemm_cycles`); and :func:`seconds`. Kernels default to
+:data:`wafer.hardware.KERNEL_DTYPE` (fp32), GPUs to :data:`wafer.hardware.GPU_DTYPE` (bf16).
+
 Assumptions, each one a choice the simulator shares (so that the simulator checks the arithmetic)
 and that the real machine may not:
 
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,7 +39,7 @@ from wafer.collectives import (
     shift_paths,
     tree_chains,
 )
-from wafer.hardware import GPU, Wafer, dtype_bytes
+from wafer.hardware import GPU, GPU_DTYPE, KERNEL_DTYPE, Wafer, dtype_bytes
 
 WAVELET_BYTES = 4
 
@@ -42,22 +51,41 @@ def bounds(compute_s: float, comm_s: float) -> tuple[float, float]:
     return max(compute_s, comm_s), compute_s + comm_s
 
 
-def roofline(flops: float, bytes_moved: float, peak_flops: float, bytes_per_s: float) -> dict:
+@dataclass(frozen=True)
+class Roofline:
+    """A kernel's time by the roofline: ``compute_s`` (its FLOPs at the peak) and ``memory_s`` (its
+    bytes at the bandwidth), both in seconds; ``seconds``, the larger (perfect overlap);
+    ``intensity`` in FLOPs per byte; ``limit``, ``"compute"`` or ``"memory"``, whichever is larger.
+
+    Built in: 08_wafer
+    """
+
+    compute_s: float
+    memory_s: float
+    seconds: float
+    intensity: float
+    limit: str
+
+
+def roofline(flops: float, bytes_moved: float, peak_flops: float, bytes_per_s: float) -> Roofline:
     """Time for ``flops`` that must move ``bytes_moved``: the larger of the compute and memory times
-    (perfect overlap). Returns both times, the bound, and which one limits.
+    (perfect overlap), both times, the intensity, and which one limits.
 
     Built in: 08_wafer
     """
     if flops < 0 or bytes_moved < 0:
         raise ValueError(f"flops={flops} and bytes_moved={bytes_moved} must be >= 0")
     t_compute, t_memory = flops / peak_flops, bytes_moved / bytes_per_s
-    return {"compute_s": t_compute, "memory_s": t_memory, "seconds": max(t_compute, t_memory),
-            "intensity": flops / bytes_moved if bytes_moved else math.inf,
-            "limit": "compute" if t_compute >= t_memory else "memory"}
+    return Roofline(compute_s=t_compute, memory_s=t_memory, seconds=max(t_compute, t_memory),
+                    intensity=flops / bytes_moved if bytes_moved else math.inf,
+                    limit="compute" if t_compute >= t_memory else "memory")
 
 
-def gemv_roofline_gpu(m: int, n: int, gpu: GPU, dtype: str = "bf16") -> dict:
-    """y = A x on a GPU: A is read once from HBM (2mn FLOPs over mn elements)."""
+def gemv_roofline_gpu(m: int, n: int, gpu: GPU, dtype: str = GPU_DTYPE) -> Roofline:
+    """y = A x on a GPU: A is read once from HBM (2mn FLOPs over mn elements).
+
+    Built in: 08_wafer
+    """
     bytes_moved = (m * n + m + n) * dtype_bytes(dtype)
     return roofline(2.0 * m * n, bytes_moved, gpu.peak_flops(dtype), gpu.hbm_bytes_per_s)
 
@@ -92,12 +120,13 @@ def reduce_colors(n: int, levels: int = 1) -> int:
 # --- transfers and collectives (cycles) -------------------------------------------------------------
 
 
-def wavelets(elems: int, dtype: str = "fp32") -> int:
+def wavelets(elems: int, dtype: str = KERNEL_DTYPE) -> int:
     """Wavelets (32 bits each) that carry ``elems`` values of ``dtype``."""
     return math.ceil(elems * dtype_bytes(dtype) / WAVELET_BYTES)
 
 
-def compute_cycles(fmacs: float, wafer: Wafer, dtype: str = "fp32") -> int:
+def compute_cycles(fmacs: float, wafer: Wafer, dtype: str = KERNEL_DTYPE) -> int:
+    """Cycles of ``fmacs`` multiply-adds on one PE, at its peak for ``dtype``."""
     return math.ceil(fmacs / wafer.fmacs_per_cycle(dtype))
 
 
@@ -143,10 +172,26 @@ def allreduce_cycles(wafer: Wafer, n: int, count: int, levels: int = 1) -> int:
     return reduce_cycles(wafer, n, count, levels) + broadcast_cycles(wafer, n - 1, count)
 
 
+@dataclass(frozen=True)
+class GemvCycles:
+    """A GEMV's phases on a grid, in cycles (``total`` is their sum: the phases do not overlap), the
+    bytes of A's block and of x's and y's pieces on one PE, and the colors the busiest PE routes.
+
+    Built in: 09_mesh
+    """
+
+    broadcast: int  # x down the columns
+    compute: int  # the local product
+    reduce: int  # the sum along each row
+    total: int
+    bytes_per_pe: int
+    colors: int
+
+
 def gemv_cycles(wafer: Wafer, m: int, n: int, grid: tuple[int, int], levels: int = 1,
-                dtype: str = "fp32") -> dict:
+                dtype: str = KERNEL_DTYPE) -> GemvCycles:
     """y = A x (A is m x n) on a P x Q grid, as :func:`wafer.collectives.gemv` runs it: x down the
-    columns, the local product, the sum along each row. Returns each phase and the total, in cycles.
+    columns, the local product, the sum along each row. Each phase and the total, in cycles.
 
     Built in: 09_mesh
     """
@@ -154,17 +199,34 @@ def gemv_cycles(wafer: Wafer, m: int, n: int, grid: tuple[int, int], levels: int
     if p < 1 or q < 1 or m < 1 or n < 1:
         raise ValueError(f"grid {grid} and shape ({m}, {n}) must be positive")
     bm, bn = math.ceil(m / p), math.ceil(n / q)
-    phases = {"broadcast": broadcast_cycles(wafer, p - 1, wavelets(bn, dtype)) if p > 1 else 0,
-              "compute": compute_cycles(bm * bn, wafer, dtype),
-              "reduce": reduce_cycles(wafer, q, wavelets(bm, dtype), levels) if q > 1 else 0}
-    phases["total"] = sum(phases.values())
-    phases["bytes_per_pe"] = (bm * bn + bn + bm) * dtype_bytes(dtype)
-    phases["colors"] = (1 if p > 1 else 0) + reduce_colors(q, levels)
-    return phases
+    broadcast = broadcast_cycles(wafer, p - 1, wavelets(bn, dtype)) if p > 1 else 0
+    compute = compute_cycles(bm * bn, wafer, dtype)
+    reduce = reduce_cycles(wafer, q, wavelets(bm, dtype), levels) if q > 1 else 0
+    return GemvCycles(broadcast=broadcast, compute=compute, reduce=reduce, total=broadcast + compute + reduce,
+                      bytes_per_pe=(bm * bn + bn + bm) * dtype_bytes(dtype),
+                      colors=(1 if p > 1 else 0) + reduce_colors(q, levels))
 
 
-def gemm_cycles(wafer: Wafer, m: int, k: int, n: int, grid: int, method: str = "summa", dtype: str = "fp32",
-                dataflow: bool = True) -> dict:
+@dataclass(frozen=True)
+class GemmCycles:
+    """A GEMM on a P x P grid, in cycles: ``communicate`` and ``compute`` (P block products) as the
+    lockstep schedule spends them; ``total``, the prediction; ``lockstep``, Cannon's bound with a
+    barrier after every shift (``None`` for SUMMA); the bytes of the blocks on one PE, and the colors
+    the busiest PE routes.
+
+    Built in: 09_mesh
+    """
+
+    communicate: int
+    compute: int
+    total: int
+    bytes_per_pe: int
+    colors: int
+    lockstep: int | None = None
+
+
+def gemm_cycles(wafer: Wafer, m: int, k: int, n: int, grid: int, method: str = "summa",
+                dtype: str = KERNEL_DTYPE, dataflow: bool = True) -> GemmCycles:
     """C = A B (m x k times k x n) on a P x P grid, as :func:`wafer.collectives.gemm` runs it.
 
     SUMMA, step s: blocks of A and B multicast from column and row s (the farthest PE max(s, P-1-s)
@@ -179,22 +241,21 @@ def gemm_cycles(wafer: Wafer, m: int, k: int, n: int, grid: int, method: str = "
     bm, bk, bn = math.ceil(m / P), math.ceil(k / P), math.ceil(n / P)
     a, b = wavelets(bm * bk, dtype), wavelets(bk * bn, dtype)
     step_compute = compute_cycles(bm * bk * bn, wafer, dtype)
+    nbytes = (2 * bm * bk + 2 * bk * bn + bm * bn) * dtype_bytes(dtype)
     if method == "summa":
         comm = sum(transfer_cycles(wafer, max(s, P - 1 - s), a + b) for s in range(P)) if P > 1 else 0
-        out = {"communicate": comm, "compute": P * step_compute, "total": comm + P * step_compute,
-               "colors": 2 if P > 1 else 0}  # a row and a column multicast, with new routes each step
-    elif method in ("cannon", "interleave"):
+        return GemmCycles(communicate=comm, compute=P * step_compute, total=comm + P * step_compute,
+                          bytes_per_pe=nbytes,
+                          colors=2 if P > 1 else 0)  # a row and a column multicast, new routes each step
+    if method in ("cannon", "interleave"):
         ring = interleaved_ring(P) if method == "interleave" else list(range(P))
         hops = max(abs(ring[j] - ring[j - 1]) for j in range(P)) if P > 1 else 0
         lockstep = P * step_compute + (P - 1) * transfer_cycles(wafer, hops, a + b)
-        out = {"communicate": lockstep - P * step_compute, "compute": P * step_compute,
-               "lockstep": lockstep,
-               "total": _cannon_dataflow(wafer, ring, a, b, step_compute) if dataflow else lockstep}
-        out["colors"] = _ring_colors(P, method == "interleave")
-    else:
-        raise ValueError(f"method={method!r} is not one of ('summa', 'cannon', 'interleave')")
-    out["bytes_per_pe"] = (2 * bm * bk + 2 * bk * bn + bm * bn) * dtype_bytes(dtype)
-    return out
+        total = _cannon_dataflow(wafer, ring, a, b, step_compute) if dataflow else lockstep
+        return GemmCycles(communicate=lockstep - P * step_compute, compute=P * step_compute, total=total,
+                          bytes_per_pe=nbytes, colors=_ring_colors(P, method == "interleave"),
+                          lockstep=lockstep)
+    raise ValueError(f"method={method!r} is not one of ('summa', 'cannon', 'interleave')")
 
 
 @functools.lru_cache(maxsize=256)
@@ -223,4 +284,5 @@ def _cannon_dataflow(wafer: Wafer, ring: list[int], a: int, b: int, compute: int
 
 
 def seconds(cycles: float, wafer: Wafer) -> float:
+    """``cycles`` at the wafer's clock, in seconds."""
     return cycles / wafer.clock_hz

@@ -71,7 +71,7 @@ def gemv_phase(wafer: Wafer, out: int, inp: int, rect, turned: bool, finish: int
     across = rect.h if not turned else rect.w  # output blocks
     grid = (rect.h, rect.w) if not turned else (rect.w, rect.h)  # (broadcast length, reduction length)
     block = max(b - a for a, b in _split(out, across))
-    return gemv_cycles(wafer, out, inp, grid, levels)["total"] + finish * block
+    return gemv_cycles(wafer, out, inp, grid, levels).total + finish * block
 
 
 def layernorm_phase(wafer: Wafer, n: int, pes: int, levels: int = 2) -> int:

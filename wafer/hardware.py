@@ -1,5 +1,11 @@
 """The machines: a wafer of processing elements (PEs), a GPU, and a cluster of wafer systems.
 
+It holds the number formats (:data:`Dtype`, :data:`DTYPE_BYTES`, :func:`dtype_bytes`) and the
+package's dtype policy (:data:`MODEL_DTYPE`, :data:`KERNEL_DTYPE`, :data:`GPU_DTYPE`);
+:func:`positive_int`, the one positive-integer check; :class:`Wafer`, :class:`GPU` and
+:class:`Cluster`; and the presets: WSE-1, WSE-2, WSE-3, TOY (WSE-2's PE on a 32 x 32 grid), the H100
+and the A100, with :data:`WAFERS` by name.
+
 Every constant carries its unit in its name and its source in a comment, with a status letter:
 P primary (vendor documentation or code, the paper itself), S secondary (press, talks), D derived
 here by arithmetic, A an assumption of this book where nothing is published. Dense and sparse FLOPs
@@ -80,9 +86,7 @@ class Wafer:
     def __post_init__(self):
         for name in ("width", "height", "sram_bytes_per_pe", "fp32_fmacs_per_cycle", "fp16_fmacs_per_cycle",
                      "cores_marketed", "link_bits_per_cycle", "hop_cycles", "stage_cycles", "colors"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+            positive_int(name, getattr(self, name))
         if not self.clock_hz > 0:
             raise ValueError(f"clock_hz={self.clock_hz!r} must be positive")
 
@@ -91,11 +95,11 @@ class Wafer:
         """PEs a program can use: width x height."""
         return self.width * self.height
 
-    def fmacs_per_cycle(self, dtype: str = "fp16") -> int:
+    def fmacs_per_cycle(self, dtype: str = MODEL_DTYPE) -> int:
         dtype_bytes(dtype)
         return self.fp32_fmacs_per_cycle if dtype == "fp32" else self.fp16_fmacs_per_cycle
 
-    def peak_flops(self, dtype: str = "fp16", cores: int | None = None) -> float:
+    def peak_flops(self, dtype: str = MODEL_DTYPE, cores: int | None = None) -> float:
         """Dense peak FLOP/s: cores x FMACs per cycle x 2 x clock. ``cores`` defaults to the marketed
         count (what published aggregates use); pass ``self.pes`` for what one program can reach."""
         n = self.cores_marketed if cores is None else cores
@@ -105,7 +109,7 @@ class Wafer:
         """Total SRAM: cores x SRAM per PE (marketed cores by default)."""
         return (self.cores_marketed if cores is None else cores) * self.sram_bytes_per_pe
 
-    def sram_bytes_per_s(self, dtype: str = "fp16", accesses_per_fmac: int = 3) -> float:
+    def sram_bytes_per_s(self, dtype: str = MODEL_DTYPE, accesses_per_fmac: int = 3) -> float:
         """Aggregate SRAM bandwidth the dense peak needs: every FMAC reads two operands and writes its
         result (``accesses_per_fmac`` = 3), on every marketed core, every cycle."""
         n = self.cores_marketed * self.fmacs_per_cycle(dtype)
@@ -135,7 +139,7 @@ class GPU:
     link_bytes_per_s: float  # NVLink, per direction
     power_w: float
 
-    def peak_flops(self, dtype: str = "bf16") -> float:
+    def peak_flops(self, dtype: str = GPU_DTYPE) -> float:
         if dtype not in ("bf16", "fp16"):
             raise ValueError(f"dtype={dtype!r}: the GPU presets hold 16-bit peaks only (bf16, fp16)")
         return self.bf16_flops
@@ -160,15 +164,14 @@ class Cluster:
     swarmx_fanout: int = 2  # A: a binary tree; the vendor says only "a tree", latency ~ log N
 
     def __post_init__(self):
-        if not isinstance(self.systems, int) or isinstance(self.systems, bool) or self.systems < 1:
-            raise ValueError(f"systems={self.systems!r} must be a positive integer (a cluster has at least "
-                             f"one system)")
+        positive_int("systems", self.systems)
         if not isinstance(self.swarmx_fanout, int) or self.swarmx_fanout < 2:
             raise ValueError(f"swarmx_fanout={self.swarmx_fanout!r} must be an integer >= 2")
         if not self.memoryx_bytes > 0:
             raise ValueError(f"memoryx_bytes={self.memoryx_bytes!r} must be positive")
 
-    def peak_flops(self, dtype: str = "fp16") -> float:
+    def peak_flops(self, dtype: str = MODEL_DTYPE) -> float:
+        """Dense peak FLOP/s of every system together."""
         return self.systems * self.wafer.peak_flops(dtype)
 
 
@@ -182,7 +185,7 @@ WSE1 = Wafer(
     width=600, height=595,  # D (a lower bound): SC20 (Rocki et al.) put a 600 x 595 mesh, one column per PE
     clock_hz=1.1e9,  # A: assumed equal to WSE-2's WaferLLM convention
     sram_bytes_per_pe=48 * 1024,  # A: 18 GB / 400k cores = 45 KB; 48 KiB assumed as on WSE-2
-    fp32_fmacs_per_cycle=1,  # U
+    fp32_fmacs_per_cycle=1,  # A: as WSE-2
     fp16_fmacs_per_cycle=4,  # A: as WSE-2
     cores_marketed=400_000,  # P: vendor
     sram_bytes_published=18e9,  # P/S: vendor, "18 GB"
@@ -217,7 +220,7 @@ WSE3 = Wafer(
     io_bits_per_s=1.2e12,  # P
     sparse_fp16_flops_published=125e15,  # S: vendor "AI" peak, with sparsity
     sram_bytes_published=44e9,  # P/S: vendor, "44 GB"
-    power_w=23_000,  # U
+    power_w=23_000,  # A: a reported figure for the CS-3 system, not checked against a primary source
 )
 
 # A small wafer for the simulator: WSE-2's PE, on a 32 x 32 grid.
@@ -243,8 +246,4 @@ A100 = GPU(
     power_w=400,  # S
 )
 
-# Andromeda: 16 CS-2 systems (S); the largest cluster announced for the CS-2 has 192 (P).
-ANDROMEDA = Cluster(WSE2, systems=16)
-
 WAFERS = {w.name: w for w in (WSE1, WSE2, WSE3, TOY)}
-GPUS = {g.name: g for g in (H100, A100)}

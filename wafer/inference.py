@@ -1,5 +1,13 @@
 """Inference at wafer scale: prefill and decode on square regions of PEs, and the KV cache.
 
+It holds :func:`layout` (a :class:`Layout`: the layers on P x P regions, the KV cache's capacity) and
+:func:`min_wafers`; :func:`decode` (a :class:`Decode`) and :func:`prefill` (a :class:`Prefill`) on a
+:class:`~wafer.target.Target`, whose context is the cached tokens or the prompt; and their GPU
+rooflines, :func:`gpu_decode` and :func:`gpu_prefill` (a :class:`GpuRoofline`). The shapes of four
+open models are re-exported from :mod:`wafer.shape`; every function also takes what
+:meth:`~wafer.shape.Shape.from_config` reads. The wafer defaults to
+:data:`wafer.hardware.MODEL_DTYPE` (16-bit), a GPU to :data:`wafer.hardware.GPU_DTYPE`.
+
 A model too large for one region is spread over several P x P regions, each holding a run of
 consecutive layers (layer pipelining between regions, as WaferLLM does). Inside a region, each
 layer's matrix products run on the whole P x P grid with chapter 09's algorithms:
@@ -29,17 +37,19 @@ Built in: 12_inference
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
-from wafer.cost import allreduce_cycles, gemm_cycles, gemv_cycles, roofline
-from wafer.hardware import GPU, Wafer, dtype_bytes
+from wafer.cost import Roofline, allreduce_cycles, gemm_cycles, gemv_cycles, roofline
+from wafer.hardware import GPU, GPU_DTYPE, MODEL_DTYPE, Wafer, dtype_bytes, positive_int
 from wafer.shape import CODELLAMA_34B, LLAMA2_13B, LLAMA3_8B, QWEN2_72B, SHAPES, Shape
 from wafer.streaming import SWARMX_LEVEL_S
+from wafer.target import Target
 
-__all__ = ["CODELLAMA_34B", "LLAMA2_13B", "LLAMA3_8B", "QWEN2_72B", "SHAPES", "Shape"]  # re-exported
-
-
+__all__ = ["CODELLAMA_34B", "LLAMA2_13B", "LLAMA3_8B", "QWEN2_72B", "SHAPES", "Shape",  # re-exported
+           "Decode", "GpuRoofline", "Layout", "Prefill", "decode", "gpu_decode", "gpu_prefill", "layout",
+           "min_wafers", "prefill"]
 
 
 @dataclass
@@ -59,7 +69,7 @@ class Layout:
     shift_tokens: int  # KV capacity, shift-based
 
 
-def layout(shape: Shape, wafer: Wafer, side: int, dtype: str = "fp16",
+def layout(shape: Shape, wafer: Wafer, side: int, dtype: str = MODEL_DTYPE,
            layers_per_region: int | None = None, wafers: int = 1) -> Layout:
     """Place ``shape``'s layers on ``side`` x ``side`` regions of ``wafers`` wafers: by default as many
     regions as the grids hold as squares, the layers shared out evenly; or ``layers_per_region`` each,
@@ -67,11 +77,11 @@ def layout(shape: Shape, wafer: Wafer, side: int, dtype: str = "fp16",
 
     Built in: 12_inference
     """
+    shape = Shape.from_config(shape)
     if not isinstance(side, int) or side < 1 or side > min(wafer.width, wafer.height):
         raise ValueError(f"side={side!r} must be an integer in [1, {min(wafer.width, wafer.height)}] for the "
                          f"{wafer.width} x {wafer.height} {wafer.name} grid")
-    if not isinstance(wafers, int) or wafers < 1:
-        raise ValueError(f"wafers={wafers!r} must be a positive integer")
+    positive_int("wafers", wafers)
     b = dtype_bytes(dtype)
     pes = side * side
     squares = wafers * (wafer.width // side) * (wafer.height // side)
@@ -96,8 +106,11 @@ def layout(shape: Shape, wafer: Wafer, side: int, dtype: str = "fp16",
                   kv_bytes_per_token_per_pe=kv, concat_tokens=concat, shift_tokens=concat * side)
 
 
-def min_wafers(shape: Shape, wafer: Wafer, side: int, dtype: str = "fp16", most: int = 64) -> int:
-    """The fewest wafers whose ``side`` x ``side`` regions hold ``shape`` (layer-pipelined across them)."""
+def min_wafers(shape: Shape, wafer: Wafer, side: int, dtype: str = MODEL_DTYPE, most: int = 64) -> int:
+    """The fewest wafers whose ``side`` x ``side`` regions hold ``shape`` (layer-pipelined across them).
+
+    Built in: 12_inference
+    """
     for n in range(1, most + 1):
         try:
             layout(shape, wafer, side, dtype, wafers=n)
@@ -107,74 +120,127 @@ def min_wafers(shape: Shape, wafer: Wafer, side: int, dtype: str = "fp16", most:
     raise ValueError(f"{shape.name} does not fit on {most} {wafer.name} wafers in {side} x {side} regions")
 
 
-def decode_seconds(shape: Shape, wafer: Wafer, side: int, context: int, dtype: str = "fp16",
-                   levels: int = 2, wafers: int = 1) -> dict:
-    """One decode step (one new token of one sequence, ``context`` tokens cached) with every layer on
-    a ``side`` x ``side`` region: the products as GEMVs, attention as two GEMV-shaped products, the
-    norms and softmax as allreduces of one value, the head as one more GEMV. Over ``wafers`` wafers,
-    the activations cross from one to the next at the system's I/O rate plus a switch's latency
-    (:data:`wafer.streaming.SWARMX_LEVEL_S`, assumed). Seconds per phase.
+def _check_inference(target: Target) -> None:
+    if target.mode != "inference":
+        raise ValueError(f"target.mode={target.mode!r}: decode and prefill need an inference target")
+
+
+@dataclass(frozen=True)
+class Decode:
+    """One decode step on the wafer: each phase's share of it, in seconds, and the rate.
 
     Built in: 12_inference
     """
-    if not isinstance(context, int) or context < 1:
-        raise ValueError(f"context={context!r} must be a positive number of cached tokens")
+
+    weights_s: float  # every layer's products with weights, as GEMVs
+    attention_s: float  # the scores and the weighted sum over the cache
+    allreduce_s: float  # the two norms and the softmax
+    head_s: float
+    between_wafers_s: float  # the activations crossing from one wafer to the next
+    seconds: float  # the whole step
+    tokens_per_s: float
+
+
+def decode(shape: Shape, target: Target, side: int, levels: int = 2, wafers: int = 1) -> Decode:
+    """One decode step (one new token of one sequence, ``target.context`` tokens cached, in
+    ``target.dtype``) with every layer on a ``side`` x ``side`` region of ``target.wafer``: the products
+    as GEMVs, attention as two GEMV-shaped products, the norms and softmax as allreduces of one value,
+    the head as one more GEMV. Over ``wafers`` wafers, the activations cross from one to the next at
+    the system's I/O rate plus a switch's latency (:data:`wafer.streaming.SWARMX_LEVEL_S`, assumed).
+
+    Built in: 12_inference
+    """
+    _check_inference(target)
+    shape = Shape.from_config(shape)
+    wafer, context, dtype = target.wafer, target.context, target.dtype
     layout(shape, wafer, side, dtype, wafers=wafers)  # raises if the layers do not fit
     grid = (side, side)
     d = shape.d_model
-    weights = sum(gemv_cycles(wafer, m, n, grid, levels, dtype)["total"] for _, m, n in shape.products())
-    attention = (gemv_cycles(wafer, context, d, grid, levels, dtype)["total"]  # scores
-                 + gemv_cycles(wafer, d, context, grid, levels, dtype)["total"])  # the weighted sum of V
+    weights = sum(gemv_cycles(wafer, m, n, grid, levels, dtype).total for _, m, n in shape.products())
+    attention = (gemv_cycles(wafer, context, d, grid, levels, dtype).total  # scores
+                 + gemv_cycles(wafer, d, context, grid, levels, dtype).total)  # the weighted sum of V
     small = 3 * allreduce_cycles(wafer, side, 1, levels)  # two norms, one softmax
-    head = gemv_cycles(wafer, shape.vocab, d, grid, levels, dtype)["total"]
-    layer = weights + attention + small
-    cycles = shape.n_layer * layer + head
+    head = gemv_cycles(wafer, shape.vocab, d, grid, levels, dtype).total
+    cycles = shape.n_layer * (weights + attention + small) + head
     between = (wafers - 1) * (SWARMX_LEVEL_S + d * dtype_bytes(dtype) * 8 / wafer.io_bits_per_s)
     seconds = cycles / wafer.clock_hz + between
-    return {"weights": shape.n_layer * weights / wafer.clock_hz,
-            "attention": shape.n_layer * attention / wafer.clock_hz,
-            "allreduce": shape.n_layer * small / wafer.clock_hz, "head": head / wafer.clock_hz,
-            "between wafers": between, "seconds": seconds, "tokens_per_s": 1 / seconds}
+    return Decode(weights_s=shape.n_layer * weights / wafer.clock_hz,
+                  attention_s=shape.n_layer * attention / wafer.clock_hz,
+                  allreduce_s=shape.n_layer * small / wafer.clock_hz, head_s=head / wafer.clock_hz,
+                  between_wafers_s=between, seconds=seconds, tokens_per_s=1 / seconds)
 
 
-def prefill_seconds(shape: Shape, wafer: Wafer, side: int, prompt: int, dtype: str = "fp16",
-                    method: str = "interleave", wafers: int = 1) -> dict:
-    """Prefill of a ``prompt``-token prompt with every layer on a ``side`` x ``side`` region: each
-    product a GEMM (``prompt`` x inputs by inputs x outputs), attention two GEMMs, the head one
-    product for the last token only. Seconds and tokens per second.
+@dataclass(frozen=True)
+class Prefill:
+    """A prompt's prefill on the wafer: ``seconds`` for the whole prompt, and prompt tokens per second.
 
     Built in: 12_inference
     """
-    if not isinstance(prompt, int) or prompt < 1:
-        raise ValueError(f"prompt={prompt!r} must be a positive number of tokens")
+
+    seconds: float
+    tokens_per_s: float
+
+
+def prefill(shape: Shape, target: Target, side: int, method: str = "interleave", wafers: int = 1) -> Prefill:
+    """Prefill of a prompt of ``target.context`` tokens with every layer on a ``side`` x ``side``
+    region: each product a GEMM (prompt x inputs by inputs x outputs), attention two GEMMs, the head
+    one product for the last token only.
+
+    Built in: 12_inference
+    """
+    _check_inference(target)
+    shape = Shape.from_config(shape)
+    wafer, prompt, dtype = target.wafer, target.context, target.dtype
     layout(shape, wafer, side, dtype, wafers=wafers)  # raises if the layers do not fit
     d = shape.d_model
+
     def gemm(m, k, n):  # the lockstep bound: within a cycle of Cannon's dataflow on the interleaved ring
-        return gemm_cycles(wafer, m, k, n, side, method, dtype, dataflow=False)["total"]
+        return gemm_cycles(wafer, m, k, n, side, method, dtype, dataflow=False).total
 
     products = sum(gemm(prompt, n, m) for _, m, n in shape.products())
     attention = gemm(prompt, d, prompt) + gemm(prompt, prompt, d)
-    head = gemv_cycles(wafer, shape.vocab, d, (side, side), 2, dtype)["total"]
+    head = gemv_cycles(wafer, shape.vocab, d, (side, side), 2, dtype).total
     cycles = shape.n_layer * (products + attention) + head
     between = (wafers - 1) * (SWARMX_LEVEL_S + prompt * d * dtype_bytes(dtype) * 8 / wafer.io_bits_per_s)
     seconds = cycles / wafer.clock_hz + between
-    return {"seconds": seconds, "tokens_per_s": prompt / seconds}
+    return Prefill(seconds=seconds, tokens_per_s=prompt / seconds)
 
 
-def gpu_decode(shape: Shape, gpu: GPU, context: int, dtype: str = "bf16") -> dict:
-    """One decode step on one GPU by the roofline: every weight and the cache read from HBM once,
-    2 FLOPs per weight and 4 per cached K or V value per query head group."""
+@dataclass(frozen=True)
+class GpuRoofline(Roofline):
+    """A decode step or a prefill on one GPU by the roofline (times in seconds), and its tokens per
+    second.
+
+    Built in: 12_inference
+    """
+
+    tokens_per_s: float
+
+
+def gpu_decode(shape: Shape, gpu: GPU, context: int, dtype: str = GPU_DTYPE) -> GpuRoofline:
+    """One decode step on one GPU by the roofline, ``context`` tokens cached: every weight and the
+    cache read from HBM once, 2 FLOPs per weight and 4 per cached K or V value per query head group.
+
+    Built in: 12_inference
+    """
+    positive_int("context", context)
+    shape = Shape.from_config(shape)
     b = dtype_bytes(dtype)
     nbytes = shape.params * b + context * shape.kv_bytes_per_token(dtype)
     flops = 2 * shape.params + 4 * shape.n_layer * shape.d_model * context
     r = roofline(flops, nbytes, gpu.peak_flops(dtype), gpu.hbm_bytes_per_s)
-    return {**r, "tokens_per_s": 1 / r["seconds"]}
+    return GpuRoofline(**dataclasses.asdict(r), tokens_per_s=1 / r.seconds)
 
 
-def gpu_prefill(shape: Shape, gpu: GPU, prompt: int, dtype: str = "bf16") -> dict:
+def gpu_prefill(shape: Shape, gpu: GPU, prompt: int, dtype: str = GPU_DTYPE) -> GpuRoofline:
     """Prefill of ``prompt`` tokens on one GPU by the roofline: 2 FLOPs per weight per token and the
-    attention's 4 d n^2 per layer, the weights read once."""
+    attention's 4 d n^2 per layer, the weights read once.
+
+    Built in: 12_inference
+    """
+    positive_int("prompt", prompt)
+    shape = Shape.from_config(shape)
     b = dtype_bytes(dtype)
     flops = 2 * shape.params * prompt + 4 * shape.n_layer * shape.d_model * prompt * prompt
     r = roofline(flops, shape.params * b, gpu.peak_flops(dtype), gpu.hbm_bytes_per_s)
-    return {**r, "tokens_per_s": prompt / r["seconds"]}
+    return GpuRoofline(**dataclasses.asdict(r), tokens_per_s=prompt / r.seconds)

@@ -1,5 +1,11 @@
 """Weight streaming: the whole wafer runs one layer at a time while the next layer's weights stream in.
 
+It holds SwarmX's tree (:func:`swarmx_levels`, :func:`swarmx_seconds`), one training step
+(:func:`weight_streaming`, a :class:`StreamingStep`), the days to train (:func:`training_time`, a
+:class:`TrainingTime`, and :func:`gpu_training_days` for GPUs), Cerebras-GPT's runs and the assumed
+constants. A model is a :class:`~wafer.shape.Shape`, anything ``Shape.from_config`` reads, or a
+workload; weights and activations default to :data:`wafer.hardware.MODEL_DTYPE`.
+
 When a model's weights no longer fit in the wafer's SRAM (chapter 10), they live off the wafer in
 **MemoryX**, which also holds the optimizer state and does the update. The activations stay on the
 wafer. A training step, for each micro-batch:
@@ -39,8 +45,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wafer.hardware import GPU, Cluster, dtype_bytes
-from wafer.stages import pipeline_stages
+from wafer.hardware import GPU, MODEL_DTYPE, Cluster, dtype_bytes, positive_int
+from wafer.stages import Stage, pipeline_stages
 from wafer.workload import Workload, gpt_workload
 
 # How Cerebras-GPT was trained (Dey et al. 2023, P): systems of Andromeda and sequences per batch. 13B ran on
@@ -97,27 +103,30 @@ class StreamingStep:
     sram_bytes: int  # on each wafer: two layers of weights and one micro-batch's activations
 
 
-def _stages(model_or_workload, context):
-    if isinstance(model_or_workload, Workload):
-        return model_or_workload, pipeline_stages(model_or_workload)
-    w = gpt_workload(model_or_workload, context=context, dtype="fp16")
-    return w, pipeline_stages(w)
+def _workload(model, context: int | None, dtype: str = MODEL_DTYPE) -> Workload:
+    """``model`` if it is a workload, else its workload (a Shape, or what ``Shape.from_config`` reads)."""
+    return model if isinstance(model, Workload) else gpt_workload(model, context=context, dtype=dtype)
+
+
+def _stages(model, context: int | None, dtype: str = MODEL_DTYPE) -> tuple[Workload, list[Stage]]:
+    work = _workload(model, context, dtype)
+    return work, pipeline_stages(work)
 
 
 def weight_streaming(model, cluster: Cluster, batch: int, context: int | None = None,
-                     micro_batch: int | None = None, recompute: bool = True, dtype: str = "fp16",
+                     micro_batch: int | None = None, recompute: bool = True, dtype: str = MODEL_DTYPE,
                      level_s: float = SWARMX_LEVEL_S, update_bytes_per_s: float = UPDATE_BYTES_PER_S,
                      ) -> StreamingStep:
-    """A training step of ``batch`` sequences (the global batch) of ``model`` (a GPTConfig, a GPT, or
-    a workload) on ``cluster``, weight-streamed; ``micro_batch`` sequences per system at a time
-    (by default the largest that fits in the wafer's SRAM, dividing the batch per system).
+    """A training step of ``batch`` sequences (the global batch) of ``model`` (a
+    :class:`~wafer.shape.Shape`, a GPTConfig, a GPT, or a workload) on ``cluster``, weight-streamed;
+    ``micro_batch`` sequences per system at a time (by default the largest that fits in the wafer's
+    SRAM, dividing the batch per system).
 
     Built in: 11_streaming
     """
-    work, stages = _stages(model, context)
+    work, stages = _stages(model, context, dtype)
     context = work.context
-    if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch={batch!r} must be a positive number of sequences")
+    positive_int("batch", batch)
     if batch % cluster.systems:
         raise ValueError(f"batch={batch} sequences do not split evenly over {cluster.systems} systems")
     per_system = batch // cluster.systems
@@ -154,7 +163,8 @@ def weight_streaming(model, cluster: Cluster, batch: int, context: int | None = 
     peak = w.peak_flops(dtype)
     io = w.io_bits_per_s / 8  # bytes per second, each direction
     streamed = weights.copy()
-    streamed[0] = min(weights[0], (tokens + context) * c * b)  # the token and position rows it reads
+    rows = tokens + (context if work.shape.positions else 0)  # the token rows it reads, and the positions'
+    streamed[0] = min(weights[0], rows * c * b)
     forward_compute = np.array([s.flops for s in stages]) * tokens / peak
     backward_compute = (3 if recompute else 2) * forward_compute
     forward = np.maximum(forward_compute, streamed / io)
@@ -203,7 +213,7 @@ def training_time(model, tokens: float, cluster: Cluster, batch: int, context: i
     """
     if not tokens >= 0 or math.isinf(tokens):
         raise ValueError(f"tokens={tokens!r} must be a non-negative, finite number of tokens")
-    work, _ = _stages(model, context)
+    work = _workload(model, context, kwargs.get("dtype", MODEL_DTYPE))
     step = weight_streaming(work, cluster, batch, **kwargs)
     steps = math.ceil(tokens / (batch * work.context))
     return TrainingTime(tokens=tokens, steps=steps, step_s=step.step, days=steps * step.step / 86400,
@@ -219,9 +229,8 @@ def gpu_training_days(model, tokens: float, gpu: GPU, gpus: int, mfu: float,
     """
     if not tokens >= 0 or math.isinf(tokens):
         raise ValueError(f"tokens={tokens!r} must be a non-negative, finite number of tokens")
-    if not isinstance(gpus, int) or gpus < 1:
-        raise ValueError(f"gpus={gpus!r} must be a positive integer")
+    positive_int("gpus", gpus)
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu={mfu!r} must be in (0, 1]")
-    work = model if isinstance(model, Workload) else gpt_workload(model, context=context, dtype="fp16")
+    work = _workload(model, context)
     return work.training_flops() * tokens / (gpus * gpu.peak_flops() * mfu) / 86400
