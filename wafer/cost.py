@@ -47,7 +47,10 @@ WAVELET_BYTES = 4
 
 
 def bounds(compute_s: float, comm_s: float) -> tuple[float, float]:
-    """(perfect overlap, no overlap) = (max, sum): the lower and upper bounds on a step's time."""
+    """(perfect overlap, no overlap) = (max, sum): the lower and upper bounds on a step's time.
+
+    Built in: 08_wafer
+    """
     return max(compute_s, comm_s), compute_s + comm_s
 
 
@@ -94,7 +97,10 @@ def gemv_roofline_gpu(m: int, n: int, gpu: GPU, dtype: str = GPU_DTYPE) -> Roofl
 
 
 def check_fits(bytes_per_pe: float, wafer: Wafer, what: str = "the data") -> None:
-    """Raise if ``bytes_per_pe`` exceeds a PE's SRAM, saying by how much."""
+    """Raise if ``bytes_per_pe`` exceeds a PE's SRAM, saying by how much.
+
+    Built in: 08_wafer
+    """
     if bytes_per_pe > wafer.sram_bytes_per_pe:
         raise ValueError(f"{what} needs {bytes_per_pe:,.0f} bytes per PE, over the "
                          f"{wafer.sram_bytes_per_pe:,} "
@@ -102,7 +108,10 @@ def check_fits(bytes_per_pe: float, wafer: Wafer, what: str = "the data") -> Non
 
 
 def check_routable(colors: int, wafer: Wafer, what: str = "the algorithm") -> None:
-    """Raise if an algorithm needs more colors at one PE than its router has."""
+    """Raise if an algorithm needs more colors at one PE than its router has.
+
+    Built in: 09_mesh
+    """
     if colors > wafer.colors:
         raise ValueError(f"{what} needs {colors} colors at one PE; a {wafer.name} PE routes at most "
                          f"{wafer.colors}")
@@ -111,7 +120,10 @@ def check_routable(colors: int, wafer: Wafer, what: str = "the algorithm") -> No
 @functools.lru_cache(maxsize=4096)
 def reduce_colors(n: int, levels: int = 1) -> int:
     """Colors the busiest PE routes in a reduction over a line of ``n`` PEs (2 for a chain: one in,
-    one out; more where a tree's longer hops pass over PEs)."""
+    one out; more where a tree's longer hops pass over PEs).
+
+    Built in: 09_mesh
+    """
     links = reduce_links(n, levels)
     paths = [[(p, 0) for p in range(b, a + 1)] for a, b in links]
     return colors_per_pe(paths, assign_colors(paths))
@@ -121,12 +133,18 @@ def reduce_colors(n: int, levels: int = 1) -> int:
 
 
 def wavelets(elems: int, dtype: str = KERNEL_DTYPE) -> int:
-    """Wavelets (32 bits each) that carry ``elems`` values of ``dtype``."""
+    """Wavelets (32 bits each) that carry ``elems`` values of ``dtype``.
+
+    Built in: 09_mesh
+    """
     return math.ceil(elems * dtype_bytes(dtype) / WAVELET_BYTES)
 
 
 def compute_cycles(fmacs: float, wafer: Wafer, dtype: str = KERNEL_DTYPE) -> int:
-    """Cycles of ``fmacs`` multiply-adds on one PE, at its peak for ``dtype``."""
+    """Cycles of ``fmacs`` multiply-adds on one PE, at its peak for ``dtype``.
+
+    Built in: 08_wafer
+    """
     return math.ceil(fmacs / wafer.fmacs_per_cycle(dtype))
 
 
@@ -141,7 +159,10 @@ def transfer_cycles(wafer: Wafer, hops: int, count: int, stages: int = 0) -> int
 
 
 def broadcast_cycles(wafer: Wafer, hops: int, count: int) -> int:
-    """A multicast reaches a PE ``hops`` away: no stages, the routers copy as wavelets pass."""
+    """A multicast reaches a PE ``hops`` away: no stages, the routers copy as wavelets pass.
+
+    Built in: 09_mesh
+    """
     return transfer_cycles(wafer, hops, count)
 
 
@@ -168,7 +189,10 @@ def reduce_cycles(wafer: Wafer, n: int, count: int, levels: int = 1) -> int:
 
 
 def allreduce_cycles(wafer: Wafer, n: int, count: int, levels: int = 1) -> int:
-    """A reduce toward the first PE, then its broadcast back over n - 1 hops."""
+    """A reduce toward the first PE, then its broadcast back over n - 1 hops.
+
+    Built in: 09_mesh
+    """
     return reduce_cycles(wafer, n, count, levels) + broadcast_cycles(wafer, n - 1, count)
 
 
@@ -284,5 +308,8 @@ def _cannon_dataflow(wafer: Wafer, ring: list[int], a: int, b: int, compute: int
 
 
 def seconds(cycles: float, wafer: Wafer) -> float:
-    """``cycles`` at the wafer's clock, in seconds."""
+    """``cycles`` at the wafer's clock, in seconds.
+
+    Built in: 09_mesh
+    """
     return cycles / wafer.clock_hz

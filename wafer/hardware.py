@@ -40,14 +40,20 @@ GPU_DTYPE: Dtype = "bf16"
 
 
 def positive_int(name: str, value: object) -> int:
-    """``value`` if it is a positive integer (not a bool); else a ValueError naming ``name``."""
+    """``value`` if it is a positive integer (not a bool); else a ValueError naming ``name``.
+
+    Built in: 10_placement
+    """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}={value!r} must be a positive integer")
     return int(value)
 
 
 def dtype_bytes(dtype: str) -> int:
-    """Bytes per element of ``dtype`` (``fp32``, ``fp16`` or ``bf16``)."""
+    """Bytes per element of ``dtype`` (``fp32``, ``fp16`` or ``bf16``).
+
+    Built in: 08_wafer
+    """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPE_BYTES)}")
     return DTYPE_BYTES[dtype]

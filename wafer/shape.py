@@ -4,7 +4,9 @@
 head tied to the token embedding) and the LLaMA/Qwen2 family (grouped-query attention, a gated MLP,
 norms with a scale only, no biases, an untied head). :meth:`Shape.from_config` is the one adapter
 from a minigpt ``GPTConfig`` or ``GPT`` (or a Hugging Face GPT-2 model or config); ``workload``,
-``placement``, ``streaming`` and ``inference`` all take a ``Shape``.
+``placement``, ``streaming`` and ``inference`` all take a ``Shape``. The module also holds the shapes
+of four open models, from their published configs: :data:`LLAMA3_8B`, :data:`LLAMA2_13B`,
+:data:`CODELLAMA_34B` and :data:`QWEN2_72B`, with :data:`SHAPES` by name.
 
 Built in: 08_wafer (GPT-2's shape), 12_inference (grouped-query attention, gated MLPs)
 """

@@ -59,7 +59,10 @@ UPDATE_BYTES_PER_PARAM = 16  # fp16 weight, fp32 master weight, fp32 Adam m and 
 
 
 def swarmx_levels(cluster: Cluster) -> int:
-    """Levels of the SwarmX tree that connects ``cluster.systems`` systems (0 for one system)."""
+    """Levels of the SwarmX tree that connects ``cluster.systems`` systems (0 for one system).
+
+    Built in: 11_streaming
+    """
     levels, reach = 0, 1
     while reach < cluster.systems:
         reach *= cluster.swarmx_fanout

@@ -38,6 +38,8 @@ class Op:
     ``layer`` is -1 for the embeddings, the block index inside the blocks, and ``n_layer`` for the
     final norm and the head. ``kind`` is ``matmul`` (a product with a weight matrix),
     ``attention`` (the two products between activations), ``vector`` or ``embedding`` (a lookup).
+
+    Built in: 08_wafer
     """
 
     name: str
