@@ -9,10 +9,12 @@ import torch
 
 from minigpt.generate import generate
 from minigpt.model import GPT, GPTConfig
-from wafer import placement as pl
 from wafer.emulate import Emulator, program
-from wafer.hardware import TOY
+from wafer.hardware import KERNEL_DTYPE, TOY
 from wafer.mesh import MeshError
+from wafer.stages import pipeline_stages
+from wafer.strategies import strips
+from wafer.target import Target
 from wafer.workload import gpt_workload
 
 
@@ -51,14 +53,17 @@ def test_greedy_generation_gives_the_same_tokens(model):
 
 def test_weights_and_cache_sit_in_the_stages_sram(model):
     em = Emulator(model)
+    # by default one column of FLOP-proportional strips, for the whole context, in the kernels' fp32
+    assert em.placement.target == Target(TOY, "inference", 32, "fp32")
+    assert em.placement.strategy == "FLOP-proportional" and len({(r.x, r.w) for r in em.rects}) == 1
     for r in em.rects:
         used = [em.mesh.sram_used((x, y)) for y in range(r.y, r.y1) for x in range(r.x, r.x1)]
         assert max(used) <= TOY.sram_bytes_per_pe
     first = em.rects[1]  # a block: its first column holds the keys and values of every position
     assert em.mesh.load((first.x, first.y), "K").shape[0] == model.config.block_size
     tiny = dataclasses.replace(TOY, sram_bytes_per_pe=256)
-    stages = pl.pipeline_stages(gpt_workload(model.config, context=32, dtype="fp32"))
-    cramped = pl.strips(stages, tiny, columns=1, context=32, dtype="fp32")
+    stages = pipeline_stages(gpt_workload(model.config, context=32, dtype=KERNEL_DTYPE))
+    cramped = strips(stages, Target(tiny, context=32, dtype=KERNEL_DTYPE), columns=1)
     with pytest.raises(MeshError, match="SRAM overflow at PE"):
         Emulator(model, cramped)
 
@@ -67,9 +72,12 @@ def test_bad_input(model):
     em = Emulator(model)
     with pytest.raises(ValueError, match=r"token=40 must be in \[0, 40\)"):
         em.step(40)
-    stages = pl.pipeline_stages(gpt_workload(model.config, context=32, dtype="fp32"))
-    two_columns = pl.strips(stages, TOY, columns=2, context=32, dtype="fp32")
+    stages = pipeline_stages(gpt_workload(model.config, context=32, dtype=KERNEL_DTYPE))
+    two_columns = strips(stages, Target(TOY, context=32, dtype=KERNEL_DTYPE), columns=2)
     with pytest.raises(ValueError, match="stacked in one column of strips"):
         Emulator(model, two_columns)
     with pytest.raises(ValueError, match="prompt is empty"):
         em.generate([], 3)
+    mup = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=40, mup_base_width=16))
+    with pytest.raises(ValueError, match=r"parametrisation; this model uses muP \(mup_base_width=16\)"):
+        Emulator(mup)

@@ -1,17 +1,33 @@
 """wafer.widgets: the placement explorer's choices, resizing, and what its readout says."""
 
+import io
+
 import pytest
 
 from wafer.placement import evaluate
-from wafer.widgets import CHOICES, WAFERS, PlacementExplorer, place, resize
+from wafer.target import Target
+from wafer.widgets import CHOICES, WAFERS, PlacementExplorer, draw, explorer_models, place, readout, resize
+
+
+def shown(x: PlacementExplorer) -> tuple[str, bytes]:
+    """The readout and the image the explorer should show for its current placement."""
+    p = x.placement()
+    e = evaluate(p)
+    buf = io.BytesIO()
+    draw(p, e, highlight=x.stage.value).savefig(buf, format="png")
+    return readout(p, e), buf.getvalue()
 
 
 def test_place_and_resize():
     p = place("Cerebras-GPT 111M", "WSE-2", "FLOP-proportional", "inference")
+    assert p.target == Target(WAFERS["WSE-2"], "inference", 2048) and p.strategy == "FLOP-proportional"
     q = resize(p, 3, 10)
     assert q.rects[3].h == p.rects[3].h + 10 and q.rects[3].w == p.rects[3].w
-    assert sum(r.area for r in q.rects) == sum(r.area for r in p.rects)  # the neighbour paid for it
-    assert evaluate(q).tokens_per_s != evaluate(p).tokens_per_s
+    assert q.rects[4].h == p.rects[4].h - 10  # the neighbour below paid for it
+    assert sum(r.area for r in q.rects) == sum(r.area for r in p.rects)
+    assert q.target == p.target and q.strategy == "FLOP-proportional (resized)"
+    e, f = evaluate(p), evaluate(q)
+    assert f.bottleneck == 4 and f.tokens_per_s < e.tokens_per_s  # the neighbour is now the slowest
     with pytest.raises(ValueError, match="not in columns of stacked stages"):
         resize(place("Cerebras-GPT 111M", "WSE-2", "recursive bisection", "inference"), 3, 10)
     with pytest.raises(ValueError, match="with no rows"):
@@ -22,18 +38,28 @@ def test_place_and_resize():
         place("GPT-2 small", "WSE-9", "serpentine", "inference")
     with pytest.raises(ValueError, match="strategy='random'"):
         place("GPT-2 small", "WSE-2", "random", "inference")
+    with pytest.raises(ValueError, match="mode='serving' is not one of"):
+        place("GPT-2 small", "WSE-2", "serpentine", "serving")
     assert set(WAFERS) == {"WSE-1", "WSE-2", "WSE-3", "TOY"} and CHOICES[-1] == "optimized"
+    assert list(explorer_models()) == ["minigpt (chapter 04)", "GPT-2 small", "Cerebras-GPT 111M",
+                                       "Cerebras-GPT 256M", "Cerebras-GPT 590M"]
 
 
 def test_explorer_follows_its_controls():
     x = PlacementExplorer(model="Cerebras-GPT 111M")
-    first, image = x.readout.value, x.image.value
-    assert "tokens/s" in first and "limit: compute" in first and image
+    assert x.placement().strategy == "serpentine" and (x.readout.value, x.image.value) == shown(x)
+    assert "tokens/s" in x.readout.value and "limit: compute" in x.readout.value
+    serpentine = evaluate(x.placement())
     x.strategy.value = "FLOP-proportional"
-    assert x.readout.value != first and x.image.value != image
-    balanced = x.readout.value
+    assert x.placement().strategy == "FLOP-proportional" and (x.readout.value, x.image.value) == shown(x)
+    balanced = evaluate(x.placement())
+    assert balanced.tokens_per_s > serpentine.tokens_per_s
+    slowest = x.stage.value
+    assert slowest == balanced.bottleneck
     x.rows.value = -30  # the slowest stage gives rows away: slower
-    assert x.readout.value != balanced and x.status.value == ""
+    assert x.placement().rects[slowest].h == x.base().rects[slowest].h - 30
+    assert evaluate(x.placement()).tokens_per_s < balanced.tokens_per_s
+    assert (x.readout.value, x.image.value) == shown(x) and x.status.value == ""
     x.model.value = "Cerebras-GPT 590M"
     assert x.rows.value == 0 and x.stage.options[-1][0] == "head"
     x.strategy.value = "recursive bisection"
@@ -50,7 +76,7 @@ def test_training_estimator():
     first = t.estimate()
     assert "days" in t.readout.value and first["gpus"] == 8  # 7.48 PFLOP/s / 0.989 per H100
     t.systems.value = 4
-    assert t.estimate()["days"] < first["days"] and t.readout.value != ""
+    assert t.estimate()["days"] < first["days"] and f"{t.estimate()['days']:,.2f} days" in t.readout.value
     t.ratio.value = 40
     assert t.estimate()["flops"] == pytest.approx(2 * first["flops"], rel=0.01)
     with pytest.raises(ValueError, match="model='70B' is not one of"):

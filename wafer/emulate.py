@@ -1,4 +1,7 @@
-"""A trained minigpt, run token by token on the mesh simulator.
+"""A trained minigpt, run token by token on the mesh simulator: :class:`Emulator` (load a model onto a
+placement, step, generate) with its :class:`Phase` records, the cost model of each phase
+(:func:`gemv_phase`, :func:`layernorm_phase`, :func:`attention_phase`, :func:`transfer_phase`), and
+:func:`program`, the same program's predicted cycles on any grid without running it.
 
 Every weight is tiled into the SRAM of the PEs of its stage's rectangle (a placement from chapter 10,
 its stages stacked in one column of strips), and every step of the forward pass is a mesh program:
@@ -31,11 +34,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wafer import placement as pl
 from wafer.collectives import allreduce_plan, broadcast_plan, reduce_plan, route_path, straight
 from wafer.cost import allreduce_cycles, gemv_cycles, transfer_cycles
-from wafer.hardware import TOY, Wafer
+from wafer.hardware import KERNEL_DTYPE, TOY, Wafer
 from wafer.mesh import Compute, Mesh, Recv, Send
+from wafer.placement import Placement
+from wafer.stages import pipeline_stages
+from wafer.strategies import flop_proportional
+from wafer.target import Target
 from wafer.workload import gpt_workload
 
 # cycles per element of the local work (a convention, as chapter 08's vector FLOPs are)
@@ -92,7 +98,7 @@ def transfer_phase(wafer: Wafer, n: int, pes: int, hops: int) -> int:
     return transfer_cycles(wafer, hops, max(b - a for a, b in _split(n, pes)))
 
 
-def program(config, placement: pl.Placement, position: int, levels: int = 2) -> list[tuple[str, str, int]]:
+def program(config, placement: Placement, position: int, levels: int = 2) -> list[tuple[str, str, int]]:
     """The cost model's (phase, stage, cycles) of one token at ``position`` for the emulator's program
     on ``placement``, without running it: the same phases, on grids of any size (WSE-2 included).
 
@@ -128,21 +134,22 @@ class Emulator:
     Built in: 13_emulation
     """
 
-    def __init__(self, model, placement: pl.Placement | None = None, wafer: Wafer = TOY, levels: int = 2):
+    def __init__(self, model, placement: Placement | None = None, wafer: Wafer = TOY, levels: int = 2):
         cfg = model.config
-        if cfg.mup or getattr(cfg, "rope", False):
-            raise ValueError("the emulator runs GPT-2's architecture: the standard parametrisation and "
-                             "learned positions")
+        if cfg.mup:
+            raise ValueError(f"the emulator runs GPT-2's standard parametrisation; this model uses muP "
+                             f"(mup_base_width={cfg.mup_base_width})")
         if not cfg.bias:
             raise ValueError("the emulator expects biases in the Linear layers and LayerNorms (bias=True)")
         self.model, self.config, self.levels = model, cfg, levels
-        stages = pl.pipeline_stages(gpt_workload(cfg, context=cfg.block_size, dtype="fp32"))
         if placement is None:
-            placement = pl.flop_proportional(stages, wafer, columns=1, context=cfg.block_size, dtype="fp32")
+            stages = pipeline_stages(gpt_workload(cfg, context=cfg.block_size, dtype=KERNEL_DTYPE))
+            target = Target(wafer, context=cfg.block_size, dtype=KERNEL_DTYPE)
+            placement = flop_proportional(stages, target, columns=1)
         xs = {(r.x, r.w) for r in placement.rects}
         if len(xs) != 1:
             raise ValueError(f"the emulator needs its stages stacked in one column of strips of one width "
-                             f"(pl.strips(..., columns=1)); this placement has {len(xs)} (x, width) pairs")
+                             f"(strips(..., columns=1)); this placement has {len(xs)} (x, width) pairs")
         self.placement, self.wafer = placement, placement.wafer
         self.rects = placement.rects
         self.width = self.rects[0].w

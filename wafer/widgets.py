@@ -1,5 +1,6 @@
-"""Widgets for the wafer chapters: the placement explorer (chapter 10) and the training-time estimator
-(chapter 11).
+"""Widgets for the wafer chapters. For chapter 10's placement explorer: the models it offers
+(:func:`explorer_models`), the placement it shows (:func:`place`, :func:`resize`), its map and bars
+(:func:`draw`), its readout and :class:`PlacementExplorer`; for chapter 11: :class:`TrainingEstimator`.
 
 Built in: 10_placement
 """
@@ -13,25 +14,36 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from wafer.hardware import WAFERS
-from wafer.placement import (
-    STRATEGIES,
-    Evaluation,
-    Placement,
-    _columns,
-    _layout,
-    evaluate,
-    explorer_models,
-    optimize,
-    pipeline_stages,
-)
+from wafer.hardware import MODEL_DTYPE, WAFERS
+from wafer.optimize import optimize
+from wafer.placement import Evaluation, Placement, evaluate
+from wafer.stages import pipeline_stages
+from wafer.strategies import STRATEGIES, column_layout, column_rects
+from wafer.target import Target, check_mode
 from wafer.workload import gpt_workload
 
 CHOICES = list(STRATEGIES) + ["optimized"]
 
 
+def explorer_models() -> dict:
+    """The models of chapter 10 and its placement explorer: name -> (GPTConfig, context).
+
+    Built in: 10_placement
+    """
+    from minigpt.model import GPTConfig
+    from minigpt.scaling import CEREBRAS_GPT
+
+    out = {"minigpt (chapter 04)": (GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=65),
+                                    256),
+           "GPT-2 small": (GPTConfig(block_size=2048), 2048)}
+    for m in CEREBRAS_GPT:
+        if m.name in ("111M", "256M", "590M"):
+            out[f"Cerebras-GPT {m.name}"] = (m.config, 2048)
+    return out
+
+
 def place(model: str, wafer: str, strategy: str, mode: str) -> Placement:
-    """The placement the explorer shows: ``model`` from :func:`~wafer.placement.explorer_models`,
+    """The placement the explorer shows: ``model`` from :func:`explorer_models`,
     ``wafer`` a preset's name, ``strategy`` one of the strategies or ``"optimized"``."""
     models = explorer_models()
     if model not in models:
@@ -41,15 +53,15 @@ def place(model: str, wafer: str, strategy: str, mode: str) -> Placement:
     if strategy not in CHOICES:
         raise ValueError(f"strategy={strategy!r} is not one of {CHOICES}")
     config, context = models[model]
-    stages = pipeline_stages(gpt_workload(config, context=context, dtype="fp16"))
+    stages = pipeline_stages(gpt_workload(config, context=context, dtype=MODEL_DTYPE))
     make = optimize if strategy == "optimized" else STRATEGIES[strategy]
-    return make(stages, WAFERS[wafer], mode=mode, context=context)
+    return make(stages, Target(WAFERS[wafer], check_mode(mode), context))
 
 
 def resize(p: Placement, stage: int, rows: int) -> Placement:
     """``p`` with stage ``stage`` taller by ``rows`` (shorter if negative), its neighbour in the same
     column giving (or taking) them. Only for placements in columns of stacked stages."""
-    layout = _layout(p)
+    layout = column_layout(p)
     if layout is None:
         raise ValueError(f"the {p.strategy} placement is not in columns of stacked stages; resizing works "
                          f"on row strips, serpentine, FLOP-proportional and optimized placements")
@@ -67,8 +79,8 @@ def resize(p: Placement, stage: int, rows: int) -> Placement:
         short = p.stages[g[other] if h[other] < 1 else stage].name
         raise ValueError(f"moving {rows} rows would leave stage {short} with no rows")
     heights = heights[:k] + [h] + heights[k + 1:]
-    rects = _columns(groups, widths, heights, serpentine)
-    return Placement(p.wafer, p.stages, rects, p.mode, p.context, p.dtype, p.strategy + " (resized)")
+    rects = column_rects(groups, widths, heights, serpentine)
+    return Placement(p.target, p.stages, rects, p.strategy + " (resized)")
 
 
 def draw(p: Placement, e: Evaluation, fig: Figure | None = None, highlight: int | None = None) -> Figure:
@@ -88,7 +100,8 @@ def draw(p: Placement, e: Evaluation, fig: Figure | None = None, highlight: int 
             ax_map.text(r.x + r.w / 2, r.y + r.h / 2, s.name, ha="center", va="center", fontsize=7,
                         color="white" if i < 0.6 * n else "black")
     ax_map.set(xlim=(0, p.wafer.width), ylim=(p.wafer.height, 0), aspect="equal",
-               title=f"{p.wafer.name}: {p.strategy}, {p.mode}", xlabel="x (PE column)", ylabel="y (PE row)")
+               title=f"{p.wafer.name}: {p.strategy}, {p.target.mode}", xlabel="x (PE column)",
+               ylabel="y (PE row)")
     x = np.arange(n)
     for k, (label, values) in enumerate((("compute", e.compute), ("internal (ramps)", e.internal),
                                          ("transfer out", e.transfer))):
@@ -105,7 +118,7 @@ def draw(p: Placement, e: Evaluation, fig: Figure | None = None, highlight: int 
 
 def readout(p: Placement, e: Evaluation) -> str:
     """One line of HTML: throughput, utilisation, the limit and the slowest stage."""
-    status = "" if e.feasible else f" &mdash; <b>infeasible</b>: {html.escape(e.problems[0])}"
+    status = "" if e.feasible else f" &mdash; <b>infeasible</b>: {html.escape(e.problems[0].message)}"
     return (f"<span class='placement-readout'>{e.tokens_per_s:,.0f} tokens/s &middot; utilisation "
             f"{e.utilisation:.1%} &middot; limit: {e.limit} &middot; slowest stage: "
             f"{p.stages[e.bottleneck].name}{status}</span>")
@@ -170,7 +183,7 @@ class PlacementExplorer:
             self.stage.options = [(s.name, i) for i, s in enumerate(p.stages)]
             self.stage.value = evaluate(p).bottleneck
             self.rows.value = 0
-            self.rows.disabled = _layout(p) is None  # resizing needs columns of stacked stages
+            self.rows.disabled = column_layout(p) is None  # resizing needs columns of stacked stages
         finally:
             self._quiet = False
         self._update()
@@ -193,9 +206,6 @@ class PlacementExplorer:
         from IPython.display import display
 
         display(self.widget)
-
-
-
 
 class TrainingEstimator:
     """How long does it take to train a GPT? Pick a Cerebras-GPT shape, the tokens per parameter and
