@@ -270,175 +270,218 @@ class Mesh:
         """Run every task to completion; return what happened. Tasks are consumed; memory and routes
         stay."""
         self.check()
-        w, hop, stage = self.width, self.hop_cycles, self.stage_cycles
-        n = w * self.height
-        neighbour = {}
+        tasks, self.tasks = self.tasks, []
+        return _Run(self, tasks, trace).run(max_cycles)
+
+
+class _Run:
+    """One run of a mesh's tasks: the queues of wavelets and events, and the counts and timeline that
+    become the :class:`Report`.
+
+    Each cycle: wavelets injected by reductions join their PE's ramp queue, operations whose time is up
+    finish, every ramp and every link that arrives at a router offers its wavelet to the route of its
+    color (which copies it into the queue of each transmit port), and every non-empty output queue
+    sends one wavelet, to a PE's task or to the neighbour's router ``hop_cycles`` later. Cycles in
+    which nothing moves are skipped.
+    """
+
+    def __init__(self, mesh: Mesh, tasks: list[_Task], trace: bool):
+        self.mesh, self.tasks = mesh, tasks
+        w, n = mesh.width, mesh.width * mesh.height
+        self.width, self.hop, self.stage = w, mesh.hop_cycles, mesh.stage_cycles
+        self.neighbour: dict[tuple[int, int], int] = {}  # (PE, port) -> the PE that port leads to
         for i in range(n):
             x, y = i % w, i // w
             for p, (dx, dy) in STEP.items():
-                if 0 <= x + dx < w and 0 <= y + dy < self.height:
-                    neighbour[(i, p)] = (y + dy) * w + x + dx
-        links = np.zeros((n, 5), dtype=np.int64)
-        ramp_out: dict[int, deque] = defaultdict(deque)  # PE -> router
-        out: dict[tuple[int, int], deque] = defaultdict(deque)  # router output port queues
-        ramp_active: set[int] = set()
-        out_active: set[tuple[int, int]] = set()
-        arrivals: dict[int, list] = defaultdict(list)
-        injections: dict[int, list] = defaultdict(list)
-        times: list[int] = []  # heap of cycles with arrivals or injections
-        timers: list = []  # heap of (cycle, seq, task, whether a Compute ends)
-        inbox: dict[tuple[int, int], deque] = defaultdict(deque)
-        waiting: dict[tuple[int, int], _Task] = {}
-        fmac_free = [0] * n
-        timeline: list = []
-        sent: list | None = [] if trace else None
-        tasks, self.tasks = self.tasks, []
-        seq = 0
-        last = 0
-        routes = self.routes
+                if 0 <= x + dx < w and 0 <= y + dy < mesh.height:
+                    self.neighbour[(i, p)] = (y + dy) * w + x + dx
+        self.links = np.zeros((n, 5), dtype=np.int64)
+        self.ramp_out: dict[int, deque] = defaultdict(deque)  # PE -> router
+        self.out: dict[tuple[int, int], deque] = defaultdict(deque)  # router output port queues
+        self.ramp_active: set[int] = set()
+        self.out_active: set[tuple[int, int]] = set()
+        self.arrivals: dict[int, list] = defaultdict(list)  # cycle -> (PE, port, color, value) at a router
+        self.injections: dict[int, list] = defaultdict(list)  # cycle -> (PE, color, value) onto a ramp
+        self.times: list[int] = []  # heap of cycles with arrivals or injections
+        self.timers: list = []  # heap of (cycle, seq, task, whether a Compute ends)
+        self.inbox: dict[tuple[int, int], deque] = defaultdict(deque)  # (PE, color) -> values not yet taken
+        self.waiting: dict[tuple[int, int], _Task] = {}  # (PE, color) -> the task streaming it in
+        self.fmac_free = [0] * n
+        self.timeline: list = []  # (PE, label, start, end)
+        self.sent: list | None = [] if trace else None
+        self.seq = 0
+        self.last = 0
+        # each route with the output queues it feeds, looked up once per wavelet
+        self.compiled = {key: (rx, [((key[0], p), self.out[(key[0], p)]) for p in tx])
+                         for key, (rx, tx) in mesh.routes.items()}
 
-        def at(table, t, item):
-            if t not in table:
-                heapq.heappush(times, t)
-            table[t].append(item)
+    def at(self, table: dict, t: int, item) -> None:
+        if t not in table:
+            heapq.heappush(self.times, t)
+        table[t].append(item)
 
-        def advance(task: _Task, t: int) -> None:
-            nonlocal seq
-            mem = self.memory[task.pe]
-            while task.pos < len(task.ops):
-                op = task.ops[task.pos]
-                if isinstance(op, Send):
-                    values = np.asarray(op.values if op.values is not None else mem[op.name]).reshape(-1)
-                    q = ramp_out[task.pe]
-                    q.extend((op.color, v) for v in values.tolist())
-                    if q:
-                        ramp_active.add(task.pe)
-                    timeline.append((task.pe, f"send c{op.color}", t, t + values.size))
-                    task.pos += 1
-                    continue
-                if isinstance(op, Compute):
-                    start = max(t, fmac_free[task.pe])
-                    fmac_free[task.pe] = end = start + int(op.cycles)
-                    task.started = start
-                    seq += 1
-                    heapq.heappush(timers, (end, seq, task, True))
-                    return
-                # a streaming op: take what already arrived, then wait for the rest
-                key = (task.pe, op.color)
-                if key in waiting:
-                    x, y = self.xy(task.pe)
-                    raise MeshError(f"PE ({x}, {y}) has two tasks receiving color {op.color} at once")
-                if isinstance(op, Recv):
-                    if op.name not in mem or mem[op.name].size != op.count:
-                        self.store(self.xy(task.pe), op.name, np.zeros(op.count))
-                elif op.name not in mem or mem[op.name].size < op.count:
-                    x, y = self.xy(task.pe)
-                    raise MeshError(f"PE ({x}, {y}): {type(op).__name__} of {op.count} wavelets needs a "
-                                    f"buffer "
-                                    f"{op.name!r} of at least that size")
-                task.index, task.started, task.free = 0, t, t
-                task.buf = mem[op.name].reshape(-1)  # a view: writes land in the PE's buffer
-                waiting[key] = task
-                box = inbox[key]
-                while box and key in waiting:
-                    handle(task, box.popleft(), t)
+    def timer(self, t: int, task: _Task, computed: bool) -> None:
+        self.seq += 1
+        heapq.heappush(self.timers, (t, self.seq, task, computed))
+
+    # -- tasks -----------------------------------------------------------------------------------------
+    def advance(self, task: _Task, t: int) -> None:
+        """Start ``task``'s operations from its current one, until one has to wait."""
+        while task.pos < len(task.ops):
+            op = task.ops[task.pos]
+            if isinstance(op, Send):
+                self.send(task, op, t)
+                task.pos += 1
+            elif isinstance(op, Compute):
+                start = max(t, self.fmac_free[task.pe])
+                self.fmac_free[task.pe] = end = start + int(op.cycles)
+                task.started = start
+                self.timer(end, task, True)
+                return
+            else:
+                self.stream(task, op, t)
                 return
 
-        def handle(task: _Task, value: float, t: int) -> None:
-            nonlocal seq
-            op = task.ops[task.pos]
-            buf = task.buf
-            i = task.index
-            if isinstance(op, Recv):  # already written to memory as it came off the ramp
-                now = t
-            else:  # an add per wavelet, one per cycle: wavelets that waited in the inbox queue up
-                now = max(t, task.free)
-                task.free = now + 1
-            if isinstance(op, Recv):
-                buf[i] = value
-            elif isinstance(op, Reduce):
+    def send(self, task: _Task, op: Send, t: int) -> None:
+        values = np.asarray(op.values if op.values is not None else self.mesh.memory[task.pe][op.name])
+        values = values.reshape(-1)
+        q = self.ramp_out[task.pe]
+        q.extend((op.color, v) for v in values.tolist())
+        if q:
+            self.ramp_active.add(task.pe)
+        self.timeline.append((task.pe, f"send c{op.color}", t, t + values.size))
+
+    def stream(self, task: _Task, op: Recv | Reduce | ReduceSend, t: int) -> None:
+        """Start a streaming op: take what already arrived, then wait for the rest."""
+        mesh, mem = self.mesh, self.mesh.memory[task.pe]
+        key = (task.pe, op.color)
+        if key in self.waiting:
+            x, y = mesh.xy(task.pe)
+            raise MeshError(f"PE ({x}, {y}) has two tasks receiving color {op.color} at once")
+        if isinstance(op, Recv):
+            if op.name not in mem or mem[op.name].size != op.count:
+                mesh.store(mesh.xy(task.pe), op.name, np.zeros(op.count))
+        elif op.name not in mem or mem[op.name].size < op.count:
+            x, y = mesh.xy(task.pe)
+            raise MeshError(f"PE ({x}, {y}): {type(op).__name__} of {op.count} wavelets needs a buffer "
+                            f"{op.name!r} of at least that size")
+        task.index, task.started, task.free = 0, t, t
+        task.buf = mem[op.name].reshape(-1)  # a view: writes land in the PE's buffer
+        self.waiting[key] = task
+        box = self.inbox[key]
+        while box and key in self.waiting:
+            self.handle(task, box.popleft(), t)
+
+    def handle(self, task: _Task, value: float, t: int) -> None:
+        """A wavelet of ``value`` reaches ``task``'s streaming op at cycle ``t``."""
+        op = task.ops[task.pos]
+        buf = task.buf
+        i = task.index
+        if isinstance(op, Recv):  # already written to memory as it came off the ramp
+            now = t
+            buf[i] = value
+        else:  # an add per wavelet, one per cycle: wavelets that waited in the inbox queue up
+            now = max(t, task.free)
+            task.free = now + 1
+            if isinstance(op, Reduce):
                 buf[i] += value
             else:
-                at(injections, now + stage, (task.pe, op.out, value + buf[i]))
-            task.index = i + 1
-            if task.index == op.count:
-                del waiting[(task.pe, op.color)]
-                done = now if isinstance(op, Recv) else now + stage
-                timeline.append((task.pe, f"{type(op).__name__.lower()} c{op.color}", task.started, done))
+                self.at(self.injections, now + self.stage, (task.pe, op.out, value + buf[i]))
+        task.index = i + 1
+        if task.index == op.count:
+            del self.waiting[(task.pe, op.color)]
+            done = now if isinstance(op, Recv) else now + self.stage
+            self.timeline.append((task.pe, f"{type(op).__name__.lower()} c{op.color}", task.started, done))
+            task.pos += 1
+            if done == t:
+                self.advance(task, t)
+            else:
+                self.timer(done, task, False)
+
+    # -- one cycle ---------------------------------------------------------------------------------------
+    def fire_timers(self, t: int) -> None:
+        """Finish the Computes and start the tasks whose time is ``t``."""
+        timers = self.timers
+        while timers and timers[0][0] == t:
+            _, _, task, computed = heapq.heappop(timers)
+            if computed:
+                op = task.ops[task.pos]
+                if op.fn is not None:
+                    op.fn(self.mesh.memory[task.pe])
+                self.timeline.append((task.pe, op.label, task.started, t))
                 task.pos += 1
-                if done == t:
-                    advance(task, t)
+            self.advance(task, t)
+            self.last = t
+
+    def enter(self, t: int, moving) -> None:
+        """Wavelets reach their routers, from each PE's ramp first, then from the links in arrival
+        order; each route copies its wavelet into the queues of its transmit ports."""
+        entering = []
+        for i in list(self.ramp_active):
+            q = self.ramp_out[i]
+            color, value = q.popleft()
+            if not q:
+                self.ramp_active.discard(i)
+            entering.append((i, RAMP, color, value))
+        entering.extend(moving)
+        compiled, out_active = self.compiled, self.out_active
+        for i, came_from, color, value in entering:
+            r = compiled.get((i, color))
+            if r is None or came_from not in r[0]:
+                raise self.misrouted(i, came_from, color, t)
+            for key, q in r[1]:
+                q.append((color, value))
+                out_active.add(key)
+
+    def transmit(self, t: int) -> None:
+        """Every non-empty output queue sends one wavelet: to its PE, or toward the neighbour."""
+        out, out_active, links, waiting, sent = self.out, self.out_active, self.links, self.waiting, self.sent
+        w, arrive = self.width, t + self.hop
+        for key in list(out_active):
+            q = out[key]
+            color, value = q.popleft()
+            if not q:
+                out_active.discard(key)
+            i, p = key
+            links[i, p] += 1
+            self.last = t
+            if p == RAMP:
+                task = waiting.get((i, color))
+                if task is None:
+                    self.inbox[(i, color)].append(value)
                 else:
-                    seq += 1
-                    heapq.heappush(timers, (done, seq, task, False))
+                    self.handle(task, value, t)
+            else:
+                if sent is not None:
+                    sent.append((t, i % w, i // w, p))
+                self.at(self.arrivals, arrive, (self.neighbour[(i, p)], OPPOSITE[p], color, value))
 
-        # each route with the output queues it feeds, looked up once per wavelet
-        compiled = {key: (rx, [((key[0], p), out[(key[0], p)]) for p in tx])
-                    for key, (rx, tx) in routes.items()}
+    def misrouted(self, i: int, came_from: int, color: int, t: int) -> MeshError:
+        r = self.mesh.routes.get((i, color))
+        x, y = self.mesh.xy(i)
+        have = "no route" if r is None else f"a route receiving from {[PORTS[p] for p in sorted(r[0])]}"
+        return MeshError(f"a wavelet of color {color} reached PE ({x}, {y}) from {PORTS[came_from]} at "
+                         f"cycle {t}, but the PE has {have} for that color")
 
-        def misrouted(i: int, came_from: int, color: int, t: int) -> MeshError:
-            r = routes.get((i, color))
-            x, y = self.xy(i)
-            have = "no route" if r is None else f"a route receiving from {[PORTS[p] for p in sorted(r[0])]}"
-            return MeshError(f"a wavelet of color {color} reached PE ({x}, {y}) from {PORTS[came_from]} at "
-                             f"cycle {t}, but the PE has {have} for that color")
-
-        for task in tasks:
-            advance(task, 0)
+    # -- the whole run -------------------------------------------------------------------------------------
+    def run(self, max_cycles: int) -> Report:
+        for task in self.tasks:
+            self.advance(task, 0)
+        times, timers = self.times, self.timers
         t = 0
         while True:
             if t > max_cycles:
                 raise MeshError(f"the run passed max_cycles={max_cycles}")
             while times and times[0] <= t:
                 heapq.heappop(times)
-            for i, color, value in injections.pop(t, ()):
-                ramp_out[i].append((color, value))
-                ramp_active.add(i)
-            moving = arrivals.pop(t, ())
-            while timers and timers[0][0] == t:
-                _, _, task, computed = heapq.heappop(timers)
-                if computed:
-                    op = task.ops[task.pos]
-                    if op.fn is not None:
-                        op.fn(self.memory[task.pe])
-                    timeline.append((task.pe, op.label, task.started, t))
-                    task.pos += 1
-                advance(task, t)
-                last = t
-            entering = []  # from each PE's ramp first, then from the links, in arrival order
-            for i in list(ramp_active):
-                q = ramp_out[i]
-                color, value = q.popleft()
-                if not q:
-                    ramp_active.discard(i)
-                entering.append((i, RAMP, color, value))
-            entering.extend(moving)
-            for i, came_from, color, value in entering:
-                r = compiled.get((i, color))
-                if r is None or came_from not in r[0]:
-                    raise misrouted(i, came_from, color, t)
-                for key, q in r[1]:
-                    q.append((color, value))
-                    out_active.add(key)
-            for key in list(out_active):
-                q = out[key]
-                color, value = q.popleft()
-                if not q:
-                    out_active.discard(key)
-                i, p = key
-                links[i, p] += 1
-                last = t
-                if p == RAMP:
-                    task = waiting.get((i, color))
-                    if task is None:
-                        inbox[(i, color)].append(value)
-                    else:
-                        handle(task, value, t)
-                else:
-                    if sent is not None:
-                        sent.append((t, i % w, i // w, p))
-                    at(arrivals, t + hop, (neighbour[(i, p)], OPPOSITE[p], color, value))
-            if ramp_active or out_active:
+            for i, color, value in self.injections.pop(t, ()):
+                self.ramp_out[i].append((color, value))
+                self.ramp_active.add(i)
+            moving = self.arrivals.pop(t, ())
+            self.fire_timers(t)
+            self.enter(t, moving)
+            self.transmit(t)
+            if self.ramp_active or self.out_active:
                 t += 1
                 continue
             upcoming = [c for c in (times[0] if times else None, timers[0][0] if timers else None)
@@ -446,15 +489,22 @@ class Mesh:
             if not upcoming:
                 break
             t = min(upcoming)
-        stuck = [task for task in tasks if task.pos < len(task.ops)]
+        self.check_finished()
+        return self.report()
+
+    def check_finished(self) -> None:
+        stuck = [task for task in self.tasks if task.pos < len(task.ops)]
         if stuck:
             task = stuck[0]
             op = task.ops[task.pos]
-            x, y = self.xy(task.pe)
-            raise MeshError(f"the run stalled at cycle {last}: PE ({x}, {y}) waits in {type(op).__name__} "
-                            f"for color {op.color} ({task.index} of {op.count} wavelets arrived)"
-                            + (f", and {len(stuck) - 1} more tasks wait too" if len(stuck) > 1 else ""))
-        timeline = [(i % w, i // w, label, s, e) for i, label, s, e in timeline]
-        last = max([last] + [e for *_, e in timeline])
-        colors = int(self.colors_used().max(initial=0))
-        return Report(last, links.reshape(self.height, w, 5), timeline, sent, colors)
+            x, y = self.mesh.xy(task.pe)
+            raise MeshError(f"the run stalled at cycle {self.last}: PE ({x}, {y}) waits in "
+                            f"{type(op).__name__} for color {op.color} ({task.index} of {op.count} wavelets "
+                            f"arrived)" + (f", and {len(stuck) - 1} more tasks wait too" if len(stuck) > 1 else ""))
+
+    def report(self) -> Report:
+        w, mesh = self.width, self.mesh
+        timeline = [(i % w, i // w, label, s, e) for i, label, s, e in self.timeline]
+        last = max([self.last] + [e for *_, e in timeline])
+        colors = int(mesh.colors_used().max(initial=0))
+        return Report(last, self.links.reshape(mesh.height, w, 5), timeline, self.sent, colors)
