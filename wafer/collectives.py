@@ -4,6 +4,16 @@ Each algorithm is built from *plans*: the routes it sets and the operations each
 algorithms compose (GEMV = a column broadcast, a local product, a row reduction). The cycle counts
 the analytic model predicts for the same algorithms are in :mod:`wafer.cost`.
 
+What it holds:
+
+- Paths and colors: ``direction``, ``straight``, ``row``, ``column``, ``assign_colors``,
+  ``colors_per_pe``, ``route_path``, ``route_multicast``.
+- Plans (they set the routes and return each PE's operations): ``tree_chains`` and ``reduce_links``
+  (the shape of a reduction), ``reduce_plan``, ``broadcast_plan``, ``allreduce_plan``; Cannon's
+  ``interleaved_ring`` and ``shift_paths``.
+
+And the programs, each of which runs its plans and returns the :class:`wafer.mesh.Report`:
+
 - ``broadcast``: multicast from a source along a row or column segment; every PE on the way keeps a
   copy as the wavelets pass (no PE handles them on the way).
 - ``reduce``: a sum along a line of PEs to its first PE. ``levels=1`` is a chain: each PE adds its own
@@ -14,7 +24,7 @@ the analytic model predicts for the same algorithms are in :mod:`wafer.cost`.
 - ``gemv``: y = A x on a P x Q grid. ``gemm``: C = A B on a P x P grid by SUMMA (broadcasts from the
   s-th column and row at step s), by Cannon (blocks start skewed and shift one PE each step, the wrap
   around the edge travelling P - 1 hops), or by Cannon on an interleaved ring (logical neighbours at
-  most 2 hops apart, the shift WaferLLM uses).
+  most 2 hops apart, the shift WaferLLM uses); ``GEMM_METHODS`` names them.
 
 Built in: 09_mesh
 """

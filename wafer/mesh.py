@@ -18,8 +18,14 @@ The machine it simulates:
   ``Compute`` (the FMAC unit busy for a number of cycles, then a NumPy function applied to the PE's
   memory). One FMAC unit per PE, shared by its tasks.
 
-``Mesh.run`` returns the cycle at which the last event happened, each link's wavelet count, and each
-operation's start and end (a timeline).
+What it holds:
+
+- ``PORTS`` and the port numbers (``RAMP``, ``NORTH``, ...), ``STEP`` and ``OPPOSITE``; ``port``.
+- The operations of a task: ``Send``, ``Recv``, ``Reduce``, ``ReduceSend``, ``Compute``.
+- ``Report``: what a run measured (the cycle of the last event, each link's wavelet count, each
+  operation's start and end, and, when asked for, every wavelet sent on a link).
+- ``MeshError``, and ``Mesh``: the grid, its routes, its PEs' memory and tasks, and ``Mesh.run``, which
+  steps a ``_Run`` (the run's queues and counts) to completion.
 
 Built in: 09_mesh
 """
@@ -121,12 +127,6 @@ class Report:
     def wavelet_hops(self) -> int:
         """Wavelets moved between routers (ramp deliveries not counted)."""
         return int(self.link_wavelets[:, :, 1:].sum())
-
-    def busiest_link(self) -> tuple[tuple[int, int], str, int]:
-        """((x, y), port name, wavelets) of the link that carried the most (ramps not counted)."""
-        links = self.link_wavelets[:, :, 1:]
-        y, x, p = np.unravel_index(int(links.argmax()), links.shape)
-        return (int(x), int(y)), PORTS[p + 1], int(links[y, x, p])
 
     def then(self, other: Report) -> Report:
         """This run followed by ``other`` (the phases of one algorithm)."""
@@ -278,23 +278,18 @@ class _Run:
     """One run of a mesh's tasks: the queues of wavelets and events, and the counts and timeline that
     become the :class:`Report`.
 
-    Each cycle: wavelets injected by reductions join their PE's ramp queue, operations whose time is up
-    finish, every ramp and every link that arrives at a router offers its wavelet to the route of its
-    color (which copies it into the queue of each transmit port), and every non-empty output queue
-    sends one wavelet, to a PE's task or to the neighbour's router ``hop_cycles`` later. Cycles in
-    which nothing moves are skipped.
+    Each cycle: the sums that reductions re-send join their ramp queues, operations whose time is up
+    end, each wavelet at a router (off a ramp or a link) is copied by its color's route into the queue
+    of every transmit port, and each non-empty queue sends one wavelet on (to a PE's task, or to the
+    neighbour's router ``hop_cycles`` later). Cycles in which nothing moves are skipped.
     """
 
     def __init__(self, mesh: Mesh, tasks: list[_Task], trace: bool):
         self.mesh, self.tasks = mesh, tasks
         w, n = mesh.width, mesh.width * mesh.height
         self.width, self.hop, self.stage = w, mesh.hop_cycles, mesh.stage_cycles
-        self.neighbour: dict[tuple[int, int], int] = {}  # (PE, port) -> the PE that port leads to
-        for i in range(n):
-            x, y = i % w, i // w
-            for p, (dx, dy) in STEP.items():
-                if 0 <= x + dx < w and 0 <= y + dy < mesh.height:
-                    self.neighbour[(i, p)] = (y + dy) * w + x + dx
+        # PE i's port p leads to PE i + offset[p] (routes that would leave the grid are refused)
+        self.offset = {p: dx + dy * w for p, (dx, dy) in STEP.items()}
         self.links = np.zeros((n, 5), dtype=np.int64)
         self.ramp_out: dict[int, deque] = defaultdict(deque)  # PE -> router
         self.out: dict[tuple[int, int], deque] = defaultdict(deque)  # router output port queues
@@ -454,7 +449,7 @@ class _Run:
             else:
                 if sent is not None:
                     sent.append((t, i % w, i // w, p))
-                self.at(self.arrivals, arrive, (self.neighbour[(i, p)], OPPOSITE[p], color, value))
+                self.at(self.arrivals, arrive, (i + self.offset[p], OPPOSITE[p], color, value))
 
     def misrouted(self, i: int, came_from: int, color: int, t: int) -> MeshError:
         r = self.mesh.routes.get((i, color))
@@ -484,25 +479,20 @@ class _Run:
             if self.ramp_active or self.out_active:
                 t += 1
                 continue
-            upcoming = [c for c in (times[0] if times else None, timers[0][0] if timers else None)
-                        if c is not None]
-            if not upcoming:
+            if not times and not timers:
                 break
-            t = min(upcoming)
-        self.check_finished()
+            t = min(times[:1] + [c for c, *_ in timers[:1]])
         return self.report()
 
-    def check_finished(self) -> None:
+    def report(self) -> Report:
         stuck = [task for task in self.tasks if task.pos < len(task.ops)]
         if stuck:
             task = stuck[0]
-            op = task.ops[task.pos]
-            x, y = self.mesh.xy(task.pe)
+            op, (x, y) = task.ops[task.pos], self.mesh.xy(task.pe)
+            more = f", and {len(stuck) - 1} more tasks wait too" if len(stuck) > 1 else ""
             raise MeshError(f"the run stalled at cycle {self.last}: PE ({x}, {y}) waits in "
-                            f"{type(op).__name__} for color {op.color} ({task.index} of {op.count} wavelets "
-                            f"arrived)" + (f", and {len(stuck) - 1} more tasks wait too" if len(stuck) > 1 else ""))
-
-    def report(self) -> Report:
+                            f"{type(op).__name__} for color {op.color} ({task.index} of {op.count} "
+                            f"wavelets arrived){more}")
         w, mesh = self.width, self.mesh
         timeline = [(i % w, i // w, label, s, e) for i, label, s, e in self.timeline]
         last = max([self.last] + [e for *_, e in timeline])
