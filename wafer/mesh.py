@@ -20,11 +20,11 @@ The machine it simulates:
 
 What it holds:
 
-- ``PORTS`` and the port numbers (``RAMP``, ``NORTH``, ...), ``STEP`` and ``OPPOSITE``; ``port``.
-- The operations of a task: ``Send``, ``Recv``, ``Reduce``, ``ReduceSend``, ``Compute``.
-- ``Report``: what a run measured (the cycle of the last event, each link's wavelet count, each
-  operation's start and end, and, when asked for, every wavelet sent on a link).
-- ``MeshError``, and ``Mesh``: the grid, its routes, its PEs' memory and tasks, and ``Mesh.run``, which
+- ``PORTS``, the port numbers (``RAMP``, ``NORTH``, ...), ``STEP``, ``OPPOSITE``, and ``port``.
+- A task's operations: ``Send``, ``Recv``, ``Reduce``, ``ReduceSend``, ``Compute`` (``Op``: any one;
+  ``Kernel``: what a ``Compute`` applies). ``Report``: what a run measured (the cycle of the last event,
+  each link's wavelet count, each operation's start and end, optionally every wavelet sent on a link).
+- ``MeshError``; ``Mesh``: the grid, its routes, its PEs' memory and tasks, and ``Mesh.run``, which
   steps a ``_Run`` (the run's queues and counts) to completion.
 
 Built in: 09_mesh
@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -91,23 +93,32 @@ class ReduceSend:
     count: int
 
 
+class Kernel(Protocol):
+    """What a ``Compute`` applies: a function of a PE's memory (its buffers by name)."""
+    def __call__(self, memory: dict[str, np.ndarray], /) -> object: ...
+
+
 @dataclass
 class Compute:
     """Keep the FMAC unit busy for ``cycles``, then call ``fn(memory)`` (a dict of the PE's buffers)."""
     cycles: int
-    fn: object = None
+    fn: Kernel | None = None
     label: str = "compute"
+
+
+Op = Send | Recv | Reduce | ReduceSend | Compute
+Stream = Recv | Reduce | ReduceSend  # the operations that take wavelets as they arrive
 
 
 @dataclass
 class _Task:
     pe: int
-    ops: list
+    ops: list[Op]
     pos: int = 0
     index: int = 0  # wavelets handled by the current streaming op
     started: int = 0
     free: int = 0  # the first cycle at which the current streaming op can take another wavelet
-    buf: np.ndarray | None = None  # the current streaming op's buffer, flat
+    buf: np.ndarray = field(default_factory=lambda: np.empty(0))  # the current streaming op's buffer, flat
 
 
 @dataclass
@@ -119,8 +130,8 @@ class Report:
     """
     cycles: int
     link_wavelets: np.ndarray
-    timeline: list = field(default_factory=list)  # (x, y, label, start, end)
-    trace: list | None = None  # (cycle, x, y, port) per wavelet sent on a link, when asked for
+    timeline: list[tuple[int, int, str, int, int]] = field(default_factory=list)  # (x, y, label, start, end)
+    trace: list[tuple[int, int, int, int]] | None = None  # (cycle, x, y, port) per wavelet sent on a link
     colors: int = 0  # the most colors any one PE routed
 
     @property
@@ -151,7 +162,8 @@ class Mesh:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         self.width, self.height, self.wafer = width, height, wafer
         self.hop_cycles, self.stage_cycles = wafer.hop_cycles, wafer.stage_cycles
-        self.routes: dict[tuple[int, int], tuple[frozenset, tuple]] = {}  # (pe, color) -> (rx, tx)
+        # (PE, color) -> (the ports it is received from, the ports it is sent to)
+        self.routes: dict[tuple[int, int], tuple[frozenset[int], tuple[int, ...]]] = {}
         self.memory: list[dict[str, np.ndarray]] = [{} for _ in range(width * height)]
         self.tasks: list[_Task] = []
 
@@ -179,12 +191,11 @@ class Mesh:
         if not rx or not tx:
             raise MeshError(f"route of color {color} at PE {tuple(pe)} needs at least one receive and one "
                             f"transmit port")
-        for p in tx:
-            if p != RAMP:
-                nx, ny = pe[0] + STEP[p][0], pe[1] + STEP[p][1]
-                if not (0 <= nx < self.width and 0 <= ny < self.height):
-                    raise MeshError(f"route of color {color} at PE {tuple(pe)} transmits {PORTS[p]}, which "
-                                    f"leaves the {self.width} x {self.height} grid")
+        for p in [p for p in tx if p != RAMP]:
+            nx, ny = pe[0] + STEP[p][0], pe[1] + STEP[p][1]
+            if not (0 <= nx < self.width and 0 <= ny < self.height):
+                raise MeshError(f"route of color {color} at PE {tuple(pe)} transmits {PORTS[p]}, which "
+                                f"leaves the {self.width} x {self.height} grid")
         self.routes[(i, color)] = (rx, tx)
 
     def clear_routes(self) -> None:
@@ -214,7 +225,7 @@ class Mesh:
     def sram_used(self, pe) -> int:
         return sum(v.size for v in self.memory[self._pe(pe)].values()) * WORD_BYTES
 
-    def program(self, pe, ops: list) -> None:
+    def program(self, pe, ops: Sequence[Op]) -> None:
         """Add a task (a list of operations, done in order) to ``pe``; a PE's tasks run concurrently."""
         self.tasks.append(_Task(self._pe(pe), list(ops)))
 
@@ -230,23 +241,20 @@ class Mesh:
         """Refuse routes of one color that form a cycle. (Colors beyond what a PE can route are refused
         by :meth:`route` already.)"""
         # A cycle: following transmit ports from (pe, color) comes back to it, so a wavelet never drains.
-        nxt: dict[tuple[int, int], list] = {}
+        nxt: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for (i, color), (_, tx) in self.routes.items():
             x, y = self.xy(i)
             nxt[(i, color)] = []
-            for p in tx:
-                if p == RAMP:
-                    continue
+            for p in [p for p in tx if p != RAMP]:
                 j = self._pe((x + STEP[p][0], y + STEP[p][1]))
                 r = self.routes.get((j, color))
                 if r is not None and OPPOSITE[p] in r[0]:
                     nxt[(i, color)].append((j, color))
-        state: dict = {}
+        state: dict[tuple[int, int], int] = {}  # 1 on the current path, 2 done
         for start in nxt:
             if start in state:
                 continue
             stack = [(start, iter(nxt[start]))]
-            path = [start]
             state[start] = 1
             while stack:
                 node, it = stack[-1]
@@ -254,8 +262,8 @@ class Mesh:
                 if child is None:
                     state[node] = 2
                     stack.pop()
-                    path.pop()
                 elif state.get(child) == 1:
+                    path = [node for node, _ in stack]
                     loop = path[path.index(child):] + [child]
                     pes = " -> ".join(str(self.xy(i)) for i, _ in loop)
                     raise MeshError(f"the routes of color {child[1]} form a cycle through PEs {pes}: a "
@@ -263,7 +271,6 @@ class Mesh:
                 elif child not in state:
                     state[child] = 1
                     stack.append((child, iter(nxt[child])))
-                    path.append(child)
 
     # -- the simulation ----------------------------------------------------------------------------------
     def run(self, trace: bool = False, max_cycles: int = 10**9) -> Report:
@@ -275,14 +282,9 @@ class Mesh:
 
 
 class _Run:
-    """One run of a mesh's tasks: the queues of wavelets and events, and the counts and timeline that
-    become the :class:`Report`.
-
-    Each cycle: the sums that reductions re-send join their ramp queues, operations whose time is up
-    end, each wavelet at a router (off a ramp or a link) is copied by its color's route into the queue
-    of every transmit port, and each non-empty queue sends one wavelet on (to a PE's task, or to the
-    neighbour's router ``hop_cycles`` later). Cycles in which nothing moves are skipped.
-    """
+    """One run of a mesh's tasks, cycle by cycle: re-sent sums join their ramps, operations whose time
+    is up end, each wavelet at a router is copied by its color's route to the queue of every transmit
+    port, and each non-empty queue sends one wavelet on. Cycles in which nothing moves are skipped."""
 
     def __init__(self, mesh: Mesh, tasks: list[_Task], trace: bool):
         self.mesh, self.tasks = mesh, tasks
@@ -291,26 +293,27 @@ class _Run:
         # PE i's port p leads to PE i + offset[p] (routes that would leave the grid are refused)
         self.offset = {p: dx + dy * w for p, (dx, dy) in STEP.items()}
         self.links = np.zeros((n, 5), dtype=np.int64)
-        self.ramp_out: dict[int, deque] = defaultdict(deque)  # PE -> router
-        self.out: dict[tuple[int, int], deque] = defaultdict(deque)  # router output port queues
+        # wavelets, (color, value), queued from each PE to its router and at each router's output port
+        self.ramp_out: dict[int, deque[tuple[int, float]]] = defaultdict(deque)
+        self.out: dict[tuple[int, int], deque[tuple[int, float]]] = defaultdict(deque)
         self.ramp_active: set[int] = set()
         self.out_active: set[tuple[int, int]] = set()
-        self.arrivals: dict[int, list] = defaultdict(list)  # cycle -> (PE, port, color, value) at a router
-        self.injections: dict[int, list] = defaultdict(list)  # cycle -> (PE, color, value) onto a ramp
+        # by cycle: (PE, port, color, value) reaching a router, (PE, color, value) re-sent onto a ramp
+        self.arrivals: dict[int, list[tuple[int, int, int, float]]] = defaultdict(list)
+        self.injections: dict[int, list[tuple[int, int, float]]] = defaultdict(list)
         self.times: list[int] = []  # heap of cycles with arrivals or injections
-        self.timers: list = []  # heap of (cycle, seq, task, whether a Compute ends)
-        self.inbox: dict[tuple[int, int], deque] = defaultdict(deque)  # (PE, color) -> values not yet taken
+        self.timers: list[tuple[int, int, _Task, bool]] = []  # heap of (cycle, seq, task, a Compute ends)
+        self.inbox: dict[tuple[int, int], deque[float]] = defaultdict(deque)  # (PE, color) -> not yet taken
         self.waiting: dict[tuple[int, int], _Task] = {}  # (PE, color) -> the task streaming it in
         self.fmac_free = [0] * n
-        self.timeline: list = []  # (PE, label, start, end)
-        self.sent: list | None = [] if trace else None
-        self.seq = 0
-        self.last = 0
+        self.timeline: list[tuple[int, str, int, int]] = []  # (PE, label, start, end)
+        self.sent: list[tuple[int, int, int, int]] | None = [] if trace else None
+        self.seq, self.last = 0, 0  # the timers' tie-breaker; the cycle of the last event
         # each route with the output queues it feeds, looked up once per wavelet
         self.compiled = {key: (rx, [((key[0], p), self.out[(key[0], p)]) for p in tx])
                          for key, (rx, tx) in mesh.routes.items()}
 
-    def at(self, table: dict, t: int, item) -> None:
+    def at(self, table: dict[int, list], t: int, item: tuple) -> None:
         if t not in table:
             heapq.heappush(self.times, t)
         table[t].append(item)
@@ -338,15 +341,14 @@ class _Run:
                 return
 
     def send(self, task: _Task, op: Send, t: int) -> None:
-        values = np.asarray(op.values if op.values is not None else self.mesh.memory[task.pe][op.name])
-        values = values.reshape(-1)
+        values = np.ravel(op.values if op.values is not None else self.mesh.memory[task.pe][op.name])
         q = self.ramp_out[task.pe]
         q.extend((op.color, v) for v in values.tolist())
         if q:
             self.ramp_active.add(task.pe)
         self.timeline.append((task.pe, f"send c{op.color}", t, t + values.size))
 
-    def stream(self, task: _Task, op: Recv | Reduce | ReduceSend, t: int) -> None:
+    def stream(self, task: _Task, op: Stream, t: int) -> None:
         """Start a streaming op: take what already arrived, then wait for the rest."""
         mesh, mem = self.mesh, self.mesh.memory[task.pe]
         key = (task.pe, op.color)
@@ -369,7 +371,7 @@ class _Run:
 
     def handle(self, task: _Task, value: float, t: int) -> None:
         """A wavelet of ``value`` reaches ``task``'s streaming op at cycle ``t``."""
-        op = task.ops[task.pos]
+        op = cast(Stream, task.ops[task.pos])
         buf = task.buf
         i = task.index
         if isinstance(op, Recv):  # already written to memory as it came off the ramp
@@ -396,11 +398,10 @@ class _Run:
     # -- one cycle ---------------------------------------------------------------------------------------
     def fire_timers(self, t: int) -> None:
         """Finish the Computes and start the tasks whose time is ``t``."""
-        timers = self.timers
-        while timers and timers[0][0] == t:
-            _, _, task, computed = heapq.heappop(timers)
+        while self.timers and self.timers[0][0] == t:
+            _, _, task, computed = heapq.heappop(self.timers)
             if computed:
-                op = task.ops[task.pos]
+                op = cast(Compute, task.ops[task.pos])
                 if op.fn is not None:
                     op.fn(self.mesh.memory[task.pe])
                 self.timeline.append((task.pe, op.label, task.started, t))
@@ -408,7 +409,7 @@ class _Run:
             self.advance(task, t)
             self.last = t
 
-    def enter(self, t: int, moving) -> None:
+    def enter(self, t: int, moving: Sequence[tuple[int, int, int, float]]) -> None:
         """Wavelets reach their routers, from each PE's ramp first, then from the links in arrival
         order; each route copies its wavelet into the queues of its transmit ports."""
         entering = []
@@ -458,7 +459,6 @@ class _Run:
         return MeshError(f"a wavelet of color {color} reached PE ({x}, {y}) from {PORTS[came_from]} at "
                          f"cycle {t}, but the PE has {have} for that color")
 
-    # -- the whole run -------------------------------------------------------------------------------------
     def run(self, max_cycles: int) -> Report:
         for task in self.tasks:
             self.advance(task, 0)
@@ -488,7 +488,7 @@ class _Run:
         stuck = [task for task in self.tasks if task.pos < len(task.ops)]
         if stuck:
             task = stuck[0]
-            op, (x, y) = task.ops[task.pos], self.mesh.xy(task.pe)
+            op, (x, y) = cast(Stream, task.ops[task.pos]), self.mesh.xy(task.pe)  # a Compute always ends
             more = f", and {len(stuck) - 1} more tasks wait too" if len(stuck) > 1 else ""
             raise MeshError(f"the run stalled at cycle {self.last}: PE ({x}, {y}) waits in "
                             f"{type(op).__name__} for color {op.color} ({task.index} of {op.count} "
