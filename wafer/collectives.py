@@ -4,6 +4,16 @@ Each algorithm is built from *plans*: the routes it sets and the operations each
 algorithms compose (GEMV = a column broadcast, a local product, a row reduction). The cycle counts
 the analytic model predicts for the same algorithms are in :mod:`wafer.cost`.
 
+What it holds:
+
+- Paths and colors: ``direction``, ``straight``, ``row``, ``column``, ``assign_colors``,
+  ``colors_per_pe``, ``route_path``, ``route_multicast``.
+- Plans (they set the routes and return each PE's operations): ``tree_chains`` and ``reduce_links``
+  (the shape of a reduction), ``reduce_plan``, ``broadcast_plan``, ``allreduce_plan``; Cannon's
+  ``interleaved_ring`` and ``shift_paths``.
+
+And the programs, each of which runs its plans and returns the :class:`wafer.mesh.Report`:
+
 - ``broadcast``: multicast from a source along a row or column segment; every PE on the way keeps a
   copy as the wavelets pass (no PE handles them on the way).
 - ``reduce``: a sum along a line of PEs to its first PE. ``levels=1`` is a chain: each PE adds its own
@@ -14,13 +24,14 @@ the analytic model predicts for the same algorithms are in :mod:`wafer.cost`.
 - ``gemv``: y = A x on a P x Q grid. ``gemm``: C = A B on a P x P grid by SUMMA (broadcasts from the
   s-th column and row at step s), by Cannon (blocks start skewed and shift one PE each step, the wrap
   around the edge travelling P - 1 hops), or by Cannon on an interleaved ring (logical neighbours at
-  most 2 hops apart, the shift WaferLLM uses).
+  most 2 hops apart, the shift WaferLLM uses); ``GEMM_METHODS`` names them.
 
 Built in: 09_mesh
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -36,12 +47,16 @@ from wafer.mesh import (
     WEST,
     Compute,
     Mesh,
+    Op,
     Recv,
     Reduce,
     ReduceSend,
     Report,
     Send,
 )
+
+PE = tuple[int, int]  # (x, y)
+Plan = dict[PE, list[Op]]  # the operations a plan gives each PE, in order
 
 # --- paths, flows and colors --------------------------------------------------------------------------
 
@@ -155,7 +170,7 @@ def colors_per_pe(paths: list[list], colors: list[int]) -> int:
     return max((len(v) for v in at.values()), default=0)
 
 
-def reduce_plan(mesh: Mesh, pes: list, name: str, count: int, levels: int = 1, first_color: int = 0) -> dict:
+def reduce_plan(mesh: Mesh, pes: list, name: str, count: int, levels: int = 1, first_color: int = 0) -> Plan:
     """Set the routes of a reduction of buffer ``name`` (``count`` values) over the line ``pes`` toward
     ``pes[0]``, and return each PE's operations, to be appended to its task."""
     chains = tree_chains(len(pes), levels)
@@ -165,7 +180,7 @@ def reduce_plan(mesh: Mesh, pes: list, name: str, count: int, levels: int = 1, f
     for (a, b), c in zip(links, colors):
         route_path(mesh, straight(pes[a], pes[b]), c)
         color_of[a] = c  # a sends on c (each position sends once)
-    ops: dict = {pe: [] for pe in pes}
+    ops: Plan = {pe: [] for pe in pes}
     for level in chains:
         for chain in level:
             for j, pos in enumerate(chain):
@@ -179,16 +194,16 @@ def reduce_plan(mesh: Mesh, pes: list, name: str, count: int, levels: int = 1, f
     return ops
 
 
-def broadcast_plan(mesh: Mesh, source, pes: list, name: str, count: int, color: int) -> dict:
+def broadcast_plan(mesh: Mesh, source, pes: list, name: str, count: int, color: int) -> Plan:
     if len(pes) == 1:
         return {source: []}
     route_multicast(mesh, source, pes, color)
     return {pe: [Send(color, name)] if pe == source else [Recv(color, name, count)] for pe in pes}
 
 
-def _program(mesh: Mesh, *plans: dict) -> None:
+def _program(mesh: Mesh, *plans: Plan) -> None:
     """Give each PE one task: the operations of every plan, in order."""
-    tasks: dict = {}
+    tasks: Plan = {}
     for plan in plans:
         for pe, ops in plan.items():
             tasks.setdefault(pe, []).extend(ops)
@@ -227,7 +242,7 @@ def reduce(mesh: Mesh, pes: list, name: str, levels: int = 1) -> Report:
     return mesh.run()
 
 
-def allreduce_plan(mesh: Mesh, pes: list, name: str, count: int, levels: int = 1) -> dict:
+def allreduce_plan(mesh: Mesh, pes: list, name: str, count: int, levels: int = 1) -> Plan:
     """The routes and each PE's operations of an allreduce of ``count`` values of ``name`` over the
     line ``pes``: a reduce toward ``pes[0]``, then its broadcast back on the next free color."""
     plan = reduce_plan(mesh, pes, name, count, levels)
@@ -272,9 +287,9 @@ def gemv(A: np.ndarray, x: np.ndarray, grid: tuple[int, int], wafer: Wafer = TOY
         for p in range(p_rows):
             mesh.store((q, p), "A", A[p * bm:(p + 1) * bm, q * bn:(q + 1) * bn])
     plans = [broadcast_plan(mesh, (q, 0), column(mesh, q), "x", bn, color=0) for q in range(q_cols)]
-    product = {(q, p): [Compute(math.ceil(bm * bn / wafer.fp32_fmacs_per_cycle),
-                                lambda mem: mem.__setitem__("y", mem["A"] @ mem["x"]), "A @ x")]
-               for q in range(q_cols) for p in range(p_rows)}
+    product: Plan = {(q, p): [Compute(math.ceil(bm * bn / wafer.fp32_fmacs_per_cycle),
+                                      lambda mem: mem.__setitem__("y", mem["A"] @ mem["x"]), "A @ x")]
+                     for q in range(q_cols) for p in range(p_rows)}
     reduces = [reduce_plan(mesh, row(mesh, p), "y", bm, levels, first_color=1) for p in range(p_rows)]
     for p in range(p_rows):
         for q in range(q_cols):
@@ -362,7 +377,7 @@ def gemm(A: np.ndarray, B: np.ndarray, grid: int, method: str = "summa", wafer: 
                 mesh.store((q, p), "C", np.zeros((bm, bn)))
                 mesh.store((q, p), "a", np.zeros((bm, bk)))
                 mesh.store((q, p), "b", np.zeros((bk, bn)))
-        report = None
+        steps = []
         for s in range(P):
             mesh.clear_routes()
             for p in range(P):
@@ -371,7 +386,7 @@ def gemm(A: np.ndarray, B: np.ndarray, grid: int, method: str = "summa", wafer: 
                 route_multicast(mesh, (q, s), column(mesh, q), 1)
             for q in range(P):
                 for p in range(P):
-                    ops = []
+                    ops: list[Op] = []
                     ops += [Send(0, "A")] if q == s and P > 1 else []
                     ops += [Send(1, "B")] if p == s and P > 1 else []
                     ops += [] if q == s else [Recv(0, "a", bm * bk)]
@@ -379,9 +394,8 @@ def gemm(A: np.ndarray, B: np.ndarray, grid: int, method: str = "summa", wafer: 
                     mac = _mac("A" if q == s else "a", "B" if p == s else "b")
                     ops.append(Compute(flops, mac, f"C += A B ({s})"))
                     mesh.program((q, p), ops)
-            step = mesh.run()
-            report = step if report is None else report.then(step)
-        return _gather(mesh, P, bm, bn), report
+            steps.append(mesh.run())
+        return _gather(mesh, P, bm, bn), functools.reduce(Report.then, steps)
     # Cannon: PE at logical (i, j) starts with A(i, i + j) and B(i + j, j), and shifts A one step west
     # and B one step north along a logical ring, P - 1 times.
     ring = interleaved_ring(P) if method == "interleave" else list(range(P))

@@ -1,4 +1,5 @@
-"""Pictures of the wafer: link heatmaps and timelines of simulator runs.
+"""Pictures of simulator runs: ``link_heatmap`` (wavelets per link, one panel per direction) and
+``timeline`` (a bar per operation per PE).
 
 Built in: 09_mesh
 """
@@ -6,7 +7,6 @@ Built in: 09_mesh
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
-import numpy as np
 
 from wafer.mesh import PORTS, Report
 
@@ -53,12 +53,3 @@ def timeline(report: Report, pes: list | None = None, title: str = "", ax=None):
     ax.legend(fontsize=7, loc="lower right")
     return ax
 
-
-def wafer_grid(values: np.ndarray, title: str = "", label: str = "", ax=None):
-    """A (height, width) array drawn over the PE grid."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(4, 4))
-    image = ax.imshow(values, cmap="viridis")
-    plt.colorbar(image, ax=ax, label=label)
-    ax.set(title=title, xlabel="x (PE column)", ylabel="y (PE row)")
-    return ax
