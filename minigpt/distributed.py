@@ -152,7 +152,7 @@ def ring_allreduce(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], lis
     return [torch.cat(c).view(shape) for c in chunks], sent
 
 
-def ring_bytes_per_rank(nbytes: int, world: int) -> float:
+def ring_bytes_per_rank(nbytes: float, world: int) -> float:
     """Bytes each rank sends in a ring all-reduce of ``nbytes``: 2 (N - 1) / N of them."""
     if world < 1:
         raise ValueError(f"world={world} must be at least 1")
@@ -217,6 +217,8 @@ def _ping_pong(buf: torch.Tensor, rank: int) -> None:
 def _exchange(send: torch.Tensor, recv: torch.Tensor, rank: int) -> None:
     if rank in (0, 1):
         for request in [dist.isend(send, 1 - rank), dist.irecv(recv, 1 - rank)]:
+            if request is None:  # torch returns no request to a process outside the group
+                raise RuntimeError(f"rank {rank} is not in the default process group")
             request.wait()
 
 
