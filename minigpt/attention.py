@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minigpt.checks import positive_int
+
 
 def causal_mask(t: int, s: int | None = None, device=None) -> torch.Tensor:
     """Boolean (T, S) mask, True where query i may attend to key j: j <= i (+ S - T when S > T).
@@ -129,7 +131,9 @@ class MultiHeadAttention(nn.Module):
                  causal: bool = True, use_sdpa: bool = True, rope: RotaryEmbedding | None = None,
                  scale: float | None = None):
         super().__init__()
-        if n_embd <= 0 or n_head <= 0 or n_embd % n_head != 0:
+        positive_int("n_embd", n_embd)
+        positive_int("n_head", n_head)
+        if n_embd % n_head != 0:
             raise ValueError(f"n_embd={n_embd} must be a positive multiple of n_head={n_head}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} must be in [0, 1)")

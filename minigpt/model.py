@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt.attention import MultiHeadAttention
+from minigpt.checks import positive_int
 
 
 @dataclass
@@ -38,9 +39,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+            positive_int(name, getattr(self, name))
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
@@ -48,9 +47,8 @@ class GPTConfig:
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"layer_norm_epsilon={self.layer_norm_epsilon} must be positive")
         base = self.mup_base_width
-        if base is not None and (not isinstance(base, int) or isinstance(base, bool) or base < 1):
-            raise ValueError(f"mup_base_width={base!r} must be a positive integer, or None for the "
-                             f"standard parametrisation")
+        if base is not None:  # None: the standard parametrisation
+            positive_int("mup_base_width", base)
         for name in ("mup_input_mult", "mup_output_mult"):
             value = getattr(self, name)
             if not value > 0:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from minigpt.checks import positive_int
 from minigpt.model import GPT, GPTConfig, flops_per_token
 
 TOKENS_PER_PARAMETER = 20.0  # the compute-optimal ratio of Hoffmann et al. (2022), used by Cerebras-GPT
@@ -225,8 +226,9 @@ def coordinate_check(config: GPTConfig, widths, ids: torch.Tensor, steps: int = 
     widths = list(widths)
     if not widths or any(not isinstance(w, int) or w < 1 or w % config.n_head for w in widths):
         raise ValueError(f"widths={widths} must be positive multiples of n_head={config.n_head}")
-    if steps < 1 or lr <= 0:
-        raise ValueError(f"steps={steps} must be at least 1 and lr={lr} positive")
+    positive_int("steps", steps)
+    if not lr > 0:
+        raise ValueError(f"lr={lr} must be positive")
     windows = TokenWindows(ids, config.block_size, "the coordinate check's data")
     probe = windows.batch(batch_size, torch.Generator().manual_seed(seed + 1), "cpu")[0]
     out = {}

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from minigpt.checks import positive_int
 from minigpt.distributed import mean_over_ranks, rank_and_world
 from minigpt.files import atomic_write, load_tensors
 from minigpt.model import GPT, GPTConfig, flops_per_token
@@ -54,8 +55,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+            positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "checkpoint_interval", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be 0 or more")
