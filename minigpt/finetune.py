@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt.files import atomic_write, load_tensors
+from minigpt.generate import sample_next
 from minigpt.model import GPT
 
 IGNORE = -100  # the target of a position that the loss skips (F.cross_entropy's ignore_index)
@@ -324,7 +325,7 @@ def greedy_complete(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens
         answers = [[] for _ in chunk]
         for _ in range(max_new_tokens):
             logits = model(buf[:, :lengths.max()])[0]
-            nxt = logits[rows, lengths - 1].argmax(-1)
+            nxt = sample_next(logits[rows, lengths - 1], temperature=0.0)  # greedy
             done |= nxt == stop_id
             for row in (~done).nonzero().flatten().tolist():
                 answers[row].append(nxt[row].item())
