@@ -211,14 +211,17 @@ class Trainer:
     """Trains a GPT on token streams; ``out_dir`` (optional) receives checkpoints and the loss history.
 
     ``train_ids`` and ``val_ids`` may instead be example sets (chapter 05's finetuning data); only the
-    parameters that require gradients are optimised (a frozen body, LoRA).
+    parameters that require gradients are optimised (a frozen body, LoRA). ``data_settings`` (plain
+    data: how the data was made) is saved in every checkpoint, so that a resumed command line can
+    make the same data again.
 
     Built in: 04_pretraining
     """
 
     def __init__(self, model: GPT, train_ids: torch.Tensor, val_ids: torch.Tensor, config: TrainConfig,
-                 tokenizer=None, out_dir: str | Path | None = None):
+                 tokenizer=None, out_dir: str | Path | None = None, data_settings: dict | None = None):
         self.config = config
+        self.data_settings = data_settings
         self.rank, self.world_size = rank_and_world()
         self.device = pick_device(config.device)
         self.model = model.to(self.device)
@@ -359,6 +362,7 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "tokenizer": tokenizer_to_dict(self.tokenizer) if self.tokenizer is not None else None,
             "history": self.history,
+            **({"data_settings": self.data_settings} if self.data_settings is not None else {}),
         }
 
     def save(self, out_dir: str | Path | None = None) -> Path:
