@@ -155,9 +155,9 @@ def _resumed(args, given: set[str], ckpt: dict):
     from minigpt.train import TrainConfig, tokenizer_from_dict
 
     shape = GPTConfig(**ckpt["model_config"])
-    if ckpt.get("tokenizer") is None:
+    tokenizer = tokenizer_from_dict(ckpt.get("tokenizer"))
+    if tokenizer is None:
         raise ValueError(f"cannot resume {args.resume}: its checkpoint holds no tokenizer")
-    tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
     # the data settings saved with the checkpoint (a checkpoint written by a Trainer alone has none:
     # then the flags say where the data is)
     data = {"tokenizer": ckpt["tokenizer"]["kind"], "vocab_size": tokenizer.vocab_size,
@@ -246,6 +246,8 @@ def cmd_sample(args) -> None:
     from minigpt.train import model_from_checkpoint, pick_device
 
     model, tokenizer = model_from_checkpoint(args.ckpt, pick_device(args.device))
+    if tokenizer is None:
+        raise ValueError(f"{args.ckpt} holds a model trained without a tokenizer: sample needs text")
     ids = tokenizer.encode(args.prompt or "\n", **_allow(tokenizer))  # no prompt: start a new line
     out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, num_return_sequences=args.num_samples,

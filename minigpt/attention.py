@@ -265,6 +265,8 @@ class RotaryEmbedding(nn.Module):
     Built in: 02_attention
     """
 
+    inv_freq: torch.Tensor  # (head_dim / 2,) a buffer
+
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
         if head_dim % 2:

@@ -33,6 +33,7 @@ def _marginal(var: str, ending: str | None = None) -> list[tuple[str, float]]:
     friend is uniform over NAMES without the hero, so by symmetry its marginal is uniform over NAMES;
     likewise gift over OBJECTS.
     """
+    values: tuple[str, ...]
     if var == "friend":
         values = NAMES
     elif var == "gift":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -238,7 +239,8 @@ class Examples:
         if self.per_token:
             y = torch.full((len(indices), t), IGNORE, dtype=torch.long)
             for row, i in enumerate(indices):
-                y[row, :len(self.targets[i])] = torch.tensor(self.targets[i])
+                target = cast(list[int], self.targets[i])  # per_token: every target is a list
+                y[row, :len(target)] = torch.tensor(target)
         else:
             y = torch.tensor([self.targets[i] for i in indices])
         return x.to(device), y.to(device)
@@ -326,12 +328,12 @@ def greedy_complete(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens
         if lengths.min() < 1 or lengths.max() + max_new_tokens > block:
             raise ValueError(f"prompts of {lengths.min().item()}..{lengths.max().item()} tokens plus "
                              f"{max_new_tokens} new ones must fit in block_size={block}")
-        buf = torch.full((len(chunk), lengths.max().item() + max_new_tokens), pad_id, device=device)
+        buf = torch.full((len(chunk), int(lengths.max()) + max_new_tokens), pad_id, device=device)
         for row, p in enumerate(chunk):
             buf[row, :len(p)] = torch.tensor(p)
         rows = torch.arange(len(chunk), device=device)
         done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-        answers = [[] for _ in chunk]
+        answers: list[list[int]] = [[] for _ in chunk]
         for _ in range(max_new_tokens):
             logits = model(buf[:, :lengths.max()])[0]
             nxt = sample_next(logits[rows, lengths - 1], temperature=0.0)  # greedy

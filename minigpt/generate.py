@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 
@@ -128,7 +129,7 @@ def generate(model: GPT, input_ids: torch.Tensor | Sequence[int], max_new_tokens
         raise ValueError(f"input_ids must be token ids in [0, {vocab}); got {idx.min().item()}.."
                          f"{idx.max().item()}")
     if max_new_tokens is None:
-        max_new_tokens = max_length - idx.shape[1]
+        max_new_tokens = cast(int, max_length) - idx.shape[1]  # one of the two was given (checked above)
     greedy = not do_sample or temperature == 0
     _check(temperature, top_k, top_p, num_return_sequences, max_new_tokens)
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=idx.device)

@@ -68,15 +68,17 @@ class GPTConfig:
     @property
     def width_mult(self) -> float:
         """n_embd / base width under muP (how many times wider than the base); 1 under SP."""
-        return self.n_embd / self.mup_base_width if self.mup else 1.0
+        base = self.mup_base_width
+        return 1.0 if base is None else self.n_embd / base
 
     @property
     def attention_scale(self) -> float:
         """What multiplies q.k: 1/sqrt(head_dim) under SP. muP uses 1/head_dim, with the constant
         chosen so that both agree at the base width: sqrt(base_head_dim) / head_dim."""
-        if not self.mup:
+        base = self.mup_base_width
+        if base is None:
             return 1.0 / math.sqrt(self.head_dim)
-        return math.sqrt(self.mup_base_width / self.n_head) / self.head_dim
+        return math.sqrt(base / self.n_head) / self.head_dim
 
 
 class MLP(nn.Module):
@@ -110,6 +112,23 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class Body(nn.Module):
+    """The modules of a GPT below its head, under GPT-2's parameter names (``transformer.wte``, ...):
+    token and position embeddings, dropout, the blocks ``h`` and the final LayerNorm. A container:
+    :meth:`GPT.features` runs them.
+
+    Built in: 03_gpt
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+
+
 class GPT(nn.Module):
     """GPT-2: token and position embeddings, ``n_layer`` blocks, a final LayerNorm, and a head that
     shares its weights with the token embedding.
@@ -127,13 +146,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
-        ))
+        self.transformer = Body(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying: one matrix, two uses
         self.apply(self._init_weights)

@@ -196,7 +196,7 @@ def activation_scales(model: GPT, idx: torch.Tensor) -> dict[str, float]:
     def keep(name):
         return lambda module, inputs, output: seen.__setitem__(name, output.abs().mean().item())
 
-    modules = [("embedding", model.transformer.drop)]
+    modules: list[tuple[str, torch.nn.Module]] = [("embedding", model.transformer.drop)]
     modules += [(f"block {i}", block) for i, block in enumerate(model.transformer.h)]
     hooks = [module.register_forward_hook(keep(name)) for name, module in modules]
     try:

@@ -302,6 +302,7 @@ def _template_regex(template: str) -> re.Pattern:
 
 
 def _slot_alternatives(slot: str) -> str:
+    values: tuple[str, ...]
     if slot in ("hero", "friend", "giver", "receiver"):
         values = NAMES
     elif slot in _PRONOUNS or slot == "friend_girl":

@@ -17,6 +17,7 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Self
 
 import regex
 
@@ -34,12 +35,19 @@ _CACHE_LIMIT = 200_000  # chunks remembered by encode; cleared when full
 class _SavedAsText:
     """``save`` and ``load`` for a tokenizer that has ``to_text`` and ``from_text``."""
 
+    def to_text(self) -> str:
+        raise NotImplementedError
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "the tokenizer text") -> Self:
+        raise NotImplementedError
+
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`to_text` to ``path`` atomically."""
         atomic_write(Path(path), self.to_text())
 
     @classmethod
-    def load(cls, path: str | os.PathLike):
+    def load(cls, path: str | os.PathLike) -> Self:
         return cls.from_text(read_utf8(Path(path)), str(path))
 
 
@@ -211,7 +219,7 @@ class BPETokenizer(_SavedAsText):
             if s in text:
                 raise ValueError(f"text contains the special token {s!r}; pass allowed_special={{{s!r}}} "
                                  f"to encode it as a token, or disallowed_special=() to encode it as text")
-        if not allowed:
+        if not allowed or self._special_split is None:  # (allowed names are special tokens, so a split)
             return self._encode_ordinary(text)
         ids: list[int] = []
         for k, piece in enumerate(self._special_split.split(text)):
@@ -348,7 +356,8 @@ class BPETokenizer(_SavedAsText):
             if token in ranks:
                 raise lines.bad("a token whose bytes appear once, but they appeared before")
             ranks[token] = lines.count(i, "'<base64 of token bytes> <id>' with an integer id")
-        m = lines.count(lines.field("specials", "the number of special tokens"), "the number of special tokens")
+        what = "the number of special tokens"
+        m = lines.count(lines.field("specials", what), what)
         specials: dict[str, int] = {}
         for _ in range(m):
             name, _, i = lines.next("'<special token as a JSON string> <id>'").rpartition(" ")
@@ -360,6 +369,9 @@ class BPETokenizer(_SavedAsText):
             return cls(ranks, specials, pattern)
         except ValueError as e:  # well formed, but not a tokenizer (ids missing, a byte without a token)
             raise ValueError(f"{source}: {e}") from None
+
+
+Tokenizer = CharTokenizer | BPETokenizer  # what a checkpoint can hold
 
 
 def _bad_file(source: str, kind: str, line: int, expected: str) -> ValueError:

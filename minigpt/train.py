@@ -15,13 +15,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from minigpt.checks import positive_int
 from minigpt.distributed import mean_over_ranks, rank_and_world
 from minigpt.files import atomic_write, load_tensors
 from minigpt.model import GPT, GPTConfig, flops_per_token
-from minigpt.tokenizer import BPETokenizer, CharTokenizer
+from minigpt.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.json"
@@ -117,15 +118,17 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def tokenizer_to_dict(tokenizer) -> dict:
+def tokenizer_to_dict(tokenizer: Tokenizer) -> dict:
+    """The tokenizer as plain data for a checkpoint: its kind and its :meth:`to_text`."""
     kind = "char" if isinstance(tokenizer, CharTokenizer) else "bpe"
     return {"kind": kind, "text": tokenizer.to_text()}
 
 
-def tokenizer_from_dict(d: dict | None):
-    if d is None:  # trained on ids without a tokenizer
+def tokenizer_from_dict(d: dict | None) -> Tokenizer | None:
+    """The tokenizer that :func:`tokenizer_to_dict` saved; None for a model trained without one."""
+    if d is None:
         return None
-    cls = CharTokenizer if d["kind"] == "char" else BPETokenizer
+    cls: type[Tokenizer] = CharTokenizer if d["kind"] == "char" else BPETokenizer
     return cls.from_text(d["text"], "the checkpoint's tokenizer")
 
 
@@ -142,7 +145,7 @@ def load_checkpoint(path: str | Path, device="cpu") -> dict:
     return load_tensors(path, "minigpt checkpoint", device)
 
 
-def model_from_checkpoint(path: str | Path, device="cpu") -> tuple[GPT, object]:
+def model_from_checkpoint(path: str | Path, device="cpu") -> tuple[GPT, Tokenizer | None]:
     """The trained model (in eval mode) and its tokenizer (None if it was trained without one).
 
     Built in: 04_pretraining
@@ -179,7 +182,8 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
     Built in: 04_pretraining
     """
-    scales = model.lr_multipliers() if hasattr(model, "lr_multipliers") else {}
+    multipliers = getattr(model, "lr_multipliers", None)  # a GPT's; a classifier has none
+    scales = multipliers() if multipliers is not None else {}
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -242,9 +246,9 @@ class Trainer:
         self.data_generator = torch.Generator().manual_seed(config.seed)
         # Under a process group, DistributedDataParallel starts every copy from rank 0's weights and,
         # during backward, averages the gradients across processes in buckets as they become ready.
-        self.parallel = self.model
+        self.parallel: torch.nn.Module = self.model
         if self.world_size > 1:
-            self.parallel = torch.nn.parallel.DistributedDataParallel(
+            self.parallel = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.forward = torch.compile(self.parallel) if config.compile else self.parallel
 
@@ -277,7 +281,10 @@ class Trainer:
             self.tokens += x.numel() * self.world_size
             # all-reduce once per step: skip the gradient sync on every micro-batch but the last
             last = micro == c.grad_accum - 1
-            with contextlib.nullcontext() if last or self.world_size == 1 else self.parallel.no_sync():
+            sync: contextlib.AbstractContextManager = contextlib.nullcontext()
+            if not last and isinstance(self.parallel, DistributedDataParallel):
+                sync = self.parallel.no_sync()
+            with sync:
                 loss = self._loss(x, y) / c.grad_accum
                 loss.backward()
             total += loss.item()
