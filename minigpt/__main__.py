@@ -51,7 +51,10 @@ def _field_defaults(cls) -> dict:
 
 def build_parser(bare: bool = False) -> argparse.ArgumentParser:
     """The command line's parser. With ``bare=True`` no option has a default, so that a parse holds
-    only the options that were given: that is how :func:`parse` tells them apart."""
+    only the options that were given: that is how :func:`parse` tells them apart.
+
+    Built in: 04_pretraining
+    """
     from minigpt.model import GPTConfig
     from minigpt.train import TrainConfig
 
@@ -122,7 +125,10 @@ def build_parser(bare: bool = False) -> argparse.ArgumentParser:
 
 
 def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
-    """The parsed command line and the names of the options that were given on it (not defaulted)."""
+    """The parsed command line and the names of the options that were given on it (not defaulted).
+
+    Built in: 04_pretraining
+    """
     args = build_parser().parse_args(argv)
     bare = build_parser(bare=True).parse_args(argv)
     return args, set(vars(bare)) - {"command"}

@@ -1,4 +1,5 @@
-"""Attention: scaled dot-product attention written out, multi-head attention, positional encodings.
+"""Attention: scaled dot-product attention written out, multi-head attention, recording its weights
+(:func:`record_attention`), and positional encodings (learned, sinusoidal, rotary).
 
 Conventions follow PyTorch so that results can be compared one for one:
 

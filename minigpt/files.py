@@ -1,4 +1,5 @@
-"""Safe file I/O shared by the package: atomic writes and strict UTF-8 reads.
+"""Safe file I/O shared by the package: atomic writes, strict UTF-8 reads, and weights-only loading
+of tensor files (checkpoints, adapters).
 
 Built in: 01_tokens
 """

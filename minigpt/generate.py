@@ -1,4 +1,5 @@
-"""Sampling from a GPT: greedy, temperature, top-k, top-p, with a preallocated KV cache.
+"""Decoding a GPT: :func:`sample_next` picks each next token (greedy, temperature, top-k, top-p) for
+every decoding loop in minigpt, and :func:`generate` continues prompts with a preallocated KV cache.
 
 The arguments mirror the familiar ``model.generate(input_ids, max_length=100, temperature=0.7,
 num_return_sequences=5)``: ``max_length`` counts the prompt, ``max_new_tokens`` does not.

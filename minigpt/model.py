@@ -1,4 +1,5 @@
-"""The GPT: GPT-2's architecture, its parameter and FLOP counts, and Hugging Face GPT-2 weights.
+"""The GPT: its shape (GPTConfig, with muP's settings), GPT-2's architecture (MLP, Block, Body, GPT),
+its parameter and FLOP counts, and Hugging Face GPT-2 weights.
 
 Built in: 03_gpt
 """

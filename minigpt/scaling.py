@@ -1,4 +1,5 @@
-"""Scaling laws: training FLOPs, compute-optimal sizes, and fitting L(C) = a C^-b + E.
+"""Scaling laws: training FLOPs, compute-optimal sizes, fitting L(C) = a C^-b + E, Cerebras-GPT's
+published models and law, and muP's coordinate check (activation scales across widths).
 
 Built in: 06_scaling
 """

@@ -1,4 +1,5 @@
-"""Tokenizers: characters, and byte-level BPE with GPT-2's pre-splitting.
+"""Tokenizers: characters, and byte-level BPE with GPT-2's pre-splitting; both saved as text files
+that are read back with checks naming the file and the line.
 
 ``BPETokenizer`` encodes exactly as ``tiktoken`` does when given the same ranks: each pre-split chunk
 starts as bytes, and the adjacent pair whose concatenation has the lowest rank is merged (leftmost

@@ -1,5 +1,5 @@
 """Pretraining: random windows, AdamW, warmup + cosine, clipping, accumulation, evaluation,
-checkpoints that resume exactly, progress, and MFU.
+checkpoints that resume exactly (and loading a model and its tokenizer from one), progress, and MFU.
 
 Built in: 04_pretraining
 """
@@ -119,13 +119,19 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def tokenizer_to_dict(tokenizer: Tokenizer) -> dict:
-    """The tokenizer as plain data for a checkpoint: its kind and its :meth:`to_text`."""
+    """The tokenizer as plain data for a checkpoint: its kind and its :meth:`to_text`.
+
+    Built in: 04_pretraining
+    """
     kind = "char" if isinstance(tokenizer, CharTokenizer) else "bpe"
     return {"kind": kind, "text": tokenizer.to_text()}
 
 
 def tokenizer_from_dict(d: dict | None) -> Tokenizer | None:
-    """The tokenizer that :func:`tokenizer_to_dict` saved; None for a model trained without one."""
+    """The tokenizer that :func:`tokenizer_to_dict` saved; None for a model trained without one.
+
+    Built in: 04_pretraining
+    """
     if d is None:
         return None
     cls: type[Tokenizer] = CharTokenizer if d["kind"] == "char" else BPETokenizer
