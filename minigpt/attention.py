@@ -1,4 +1,5 @@
-"""Attention: scaled dot-product attention written out, multi-head attention, positional encodings.
+"""Attention: scaled dot-product attention written out, multi-head attention, recording its weights
+(:func:`record_attention`), and positional encodings (learned, sinusoidal, rotary).
 
 Conventions follow PyTorch so that results can be compared one for one:
 
@@ -20,6 +21,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from minigpt.checks import positive_int
 
 
 def causal_mask(t: int, s: int | None = None, device=None) -> torch.Tensor:
@@ -129,7 +132,9 @@ class MultiHeadAttention(nn.Module):
                  causal: bool = True, use_sdpa: bool = True, rope: RotaryEmbedding | None = None,
                  scale: float | None = None):
         super().__init__()
-        if n_embd <= 0 or n_head <= 0 or n_embd % n_head != 0:
+        positive_int("n_embd", n_embd)
+        positive_int("n_head", n_head)
+        if n_embd % n_head != 0:
             raise ValueError(f"n_embd={n_embd} must be a positive multiple of n_head={n_head}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} must be in [0, 1)")
@@ -260,6 +265,8 @@ class RotaryEmbedding(nn.Module):
 
     Built in: 02_attention
     """
+
+    inv_freq: torch.Tensor  # (head_dim / 2,) a buffer
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()

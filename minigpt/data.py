@@ -1,4 +1,5 @@
-"""Corpora: the generated story world, UTF-8 text files, and a cached, checksummed downloader.
+"""Corpora: the story world (from :mod:`minigpt.stories` and :mod:`minigpt.entropy`, importable from
+here), UTF-8 text files, and a cached, checksummed downloader.
 
 The only network access in the book is :func:`download` (and :func:`fetch`, which names a corpus):
 it is explicit, verifies a SHA256 before a file is used, writes atomically, and afterwards reads
@@ -17,13 +18,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from minigpt.entropy import EntropyRate, entropy_rate  # noqa: F401  (part of minigpt.data's interface)
 from minigpt.files import read_utf8
 from minigpt.stories import (  # noqa: F401  (the story world is part of minigpt.data's interface)
     QUESTIONS,
-    EntropyRate,
     Facts,
     Story,
-    entropy_rate,
     generate_stories,
     generate_story,
     parse,

@@ -1,4 +1,5 @@
-"""The book's environment check: is every dependency importable, and at which version?
+"""The book's environment check: is every dependency importable, and at which version? And a
+one-line description of the machine.
 
 Built in: 00_preface
 """

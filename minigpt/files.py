@@ -1,4 +1,5 @@
-"""Safe file I/O shared by the package: atomic writes and strict UTF-8 reads.
+"""Safe file I/O shared by the package: atomic writes, strict UTF-8 reads, and weights-only loading
+of tensor files (checkpoints, adapters).
 
 Built in: 01_tokens
 """
@@ -41,12 +42,23 @@ def read_utf8(path: str | os.PathLike) -> str:
 
 
 def load_tensors(path: str | os.PathLike, what: str, device="cpu"):
-    """``torch.load`` with ``weights_only=True`` (tensors and plain data only, never pickled code); a
-    file that is refused or unreadable is a ValueError naming ``what`` it should have been."""
+    """``torch.load`` with ``weights_only=True``: tensors and plain data only, never pickled code.
+
+    A file that the weights-only unpickler refuses (it holds other objects, which unpickling could
+    turn into running code, or it is not a pickle at all) or that cannot be read (truncated,
+    corrupted) is a ValueError naming the file and ``what`` it should have been. The message never
+    suggests loading it some other way.
+    """
+    import pickle
+
     import torch
 
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 (unpickling errors come in many types)
-        raise ValueError(f"{path} is not a loadable {what} (refused or corrupted): "
-                         f"{str(e).splitlines()[0][:200]}") from None
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} is not a loadable {what}: it holds more than tensors and plain data "
+                         f"(or is no {what} at all), and minigpt never runs code from a checkpoint, "
+                         f"so it does not load it") from None
+    except Exception as e:  # noqa: BLE001 (a damaged file fails in many ways, all of them the same here)
+        raise ValueError(f"{path} is not a loadable {what}: it is truncated or corrupted "
+                         f"({type(e).__name__})") from None

@@ -1,4 +1,5 @@
-"""Sampling from a GPT: greedy, temperature, top-k, top-p, with a preallocated KV cache.
+"""Decoding a GPT: :func:`sample_next` picks each next token (greedy, temperature, top-k, top-p) for
+every decoding loop in minigpt, and :func:`generate` continues prompts with a preallocated KV cache.
 
 The arguments mirror the familiar ``model.generate(input_ids, max_length=100, temperature=0.7,
 num_return_sequences=5)``: ``max_length`` counts the prompt, ``max_new_tokens`` does not.
@@ -8,10 +9,13 @@ Built in: 03_gpt
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 
+from minigpt.checks import positive_int
 from minigpt.model import GPT
 
 
@@ -62,15 +66,38 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return logits
 
 
+def check_sampling(temperature: float, top_k: int | None = None, top_p: float | None = None) -> None:
+    """ValueError naming the first setting that cannot be used: a temperature that is negative, NaN
+    or infinite, a ``top_k`` that is not a positive integer, a ``top_p`` outside (0, 1].
+
+    Built in: 03_gpt
+    """
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 means greedy)")
+    if top_k is not None:
+        positive_int("top_k", top_k)
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p={top_p!r} must be a number in (0, 1]")  # NaN and inf fail the test too
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each row of ``logits`` (B, vocab): the most likely one if ``temperature``
+    is 0, otherwise a draw from the softmax of :func:`filter_logits` with ``generator``. Returns (B,)
+    token ids. Every decoding loop in minigpt picks its tokens here.
+
+    Built in: 03_gpt
+    """
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
 def _check(temperature, top_k, top_p, num_return_sequences, max_new_tokens) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k={top_k} must be an integer >= 1")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if num_return_sequences < 1:
-        raise ValueError(f"num_return_sequences={num_return_sequences} must be >= 1")
+    check_sampling(temperature, top_k, top_p)
+    positive_int("num_return_sequences", num_return_sequences)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
 
@@ -103,7 +130,7 @@ def generate(model: GPT, input_ids: torch.Tensor | Sequence[int], max_new_tokens
         raise ValueError(f"input_ids must be token ids in [0, {vocab}); got {idx.min().item()}.."
                          f"{idx.max().item()}")
     if max_new_tokens is None:
-        max_new_tokens = max_length - idx.shape[1]
+        max_new_tokens = cast(int, max_length) - idx.shape[1]  # one of the two was given (checked above)
     greedy = not do_sample or temperature == 0
     _check(temperature, top_k, top_p, num_return_sequences, max_new_tokens)
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=idx.device)
@@ -129,11 +156,7 @@ def generate(model: GPT, input_ids: torch.Tensor | Sequence[int], max_new_tokens
                 pending = context[:, -block:]
             logits, _ = model(pending, kv_cache=cache)
             logits = logits[:, -1, :].float()
-            if greedy:
-                nxt = logits.argmax(-1)
-            else:
-                probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            nxt = sample_next(logits, 0.0 if greedy else temperature, top_k, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             new_tokens.append(nxt)
             if stop.numel():

@@ -1,4 +1,5 @@
-"""The GPT: GPT-2's architecture, its parameter and FLOP counts, and Hugging Face GPT-2 weights.
+"""The GPT: its shape (GPTConfig, with muP's settings), GPT-2's architecture (MLP, Block, Body, GPT),
+its parameter and FLOP counts, and Hugging Face GPT-2 weights.
 
 Built in: 03_gpt
 """
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt.attention import MultiHeadAttention
+from minigpt.checks import positive_int
 
 
 @dataclass
@@ -38,9 +40,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+            positive_int(name, getattr(self, name))
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
@@ -48,9 +48,8 @@ class GPTConfig:
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"layer_norm_epsilon={self.layer_norm_epsilon} must be positive")
         base = self.mup_base_width
-        if base is not None and (not isinstance(base, int) or isinstance(base, bool) or base < 1):
-            raise ValueError(f"mup_base_width={base!r} must be a positive integer, or None for the "
-                             f"standard parametrisation")
+        if base is not None:  # None: the standard parametrisation
+            positive_int("mup_base_width", base)
         for name in ("mup_input_mult", "mup_output_mult"):
             value = getattr(self, name)
             if not value > 0:
@@ -70,15 +69,17 @@ class GPTConfig:
     @property
     def width_mult(self) -> float:
         """n_embd / base width under muP (how many times wider than the base); 1 under SP."""
-        return self.n_embd / self.mup_base_width if self.mup else 1.0
+        base = self.mup_base_width
+        return 1.0 if base is None else self.n_embd / base
 
     @property
     def attention_scale(self) -> float:
         """What multiplies q.k: 1/sqrt(head_dim) under SP. muP uses 1/head_dim, with the constant
         chosen so that both agree at the base width: sqrt(base_head_dim) / head_dim."""
-        if not self.mup:
+        base = self.mup_base_width
+        if base is None:
             return 1.0 / math.sqrt(self.head_dim)
-        return math.sqrt(self.mup_base_width / self.n_head) / self.head_dim
+        return math.sqrt(base / self.n_head) / self.head_dim
 
 
 class MLP(nn.Module):
@@ -112,6 +113,23 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class Body(nn.Module):
+    """The modules of a GPT below its head, under GPT-2's parameter names (``transformer.wte``, ...):
+    token and position embeddings, dropout, the blocks ``h`` and the final LayerNorm. A container:
+    :meth:`GPT.features` runs them.
+
+    Built in: 03_gpt
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+
+
 class GPT(nn.Module):
     """GPT-2: token and position embeddings, ``n_layer`` blocks, a final LayerNorm, and a head that
     shares its weights with the token embedding.
@@ -129,13 +147,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
-        ))
+        self.transformer = Body(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying: one matrix, two uses
         self.apply(self._init_weights)

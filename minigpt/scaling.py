@@ -1,4 +1,5 @@
-"""Scaling laws: training FLOPs, compute-optimal sizes, and fitting L(C) = a C^-b + E.
+"""Scaling laws: training FLOPs, compute-optimal sizes, fitting L(C) = a C^-b + E, Cerebras-GPT's
+published models and law, and muP's coordinate check (activation scales across widths).
 
 Built in: 06_scaling
 """
@@ -11,6 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from minigpt.checks import positive_int
 from minigpt.model import GPT, GPTConfig, flops_per_token
 
 TOKENS_PER_PARAMETER = 20.0  # the compute-optimal ratio of Hoffmann et al. (2022), used by Cerebras-GPT
@@ -195,7 +197,7 @@ def activation_scales(model: GPT, idx: torch.Tensor) -> dict[str, float]:
     def keep(name):
         return lambda module, inputs, output: seen.__setitem__(name, output.abs().mean().item())
 
-    modules = [("embedding", model.transformer.drop)]
+    modules: list[tuple[str, torch.nn.Module]] = [("embedding", model.transformer.drop)]
     modules += [(f"block {i}", block) for i, block in enumerate(model.transformer.h)]
     hooks = [module.register_forward_hook(keep(name)) for name, module in modules]
     try:
@@ -225,8 +227,9 @@ def coordinate_check(config: GPTConfig, widths, ids: torch.Tensor, steps: int = 
     widths = list(widths)
     if not widths or any(not isinstance(w, int) or w < 1 or w % config.n_head for w in widths):
         raise ValueError(f"widths={widths} must be positive multiples of n_head={config.n_head}")
-    if steps < 1 or lr <= 0:
-        raise ValueError(f"steps={steps} must be at least 1 and lr={lr} positive")
+    positive_int("steps", steps)
+    if not lr > 0:
+        raise ValueError(f"lr={lr} must be positive")
     windows = TokenWindows(ids, config.block_size, "the coordinate check's data")
     probe = windows.batch(batch_size, torch.Generator().manual_seed(seed + 1), "cpu")[0]
     out = {}

@@ -1,15 +1,19 @@
-"""The story world: a small probabilistic program that writes short stories.
+"""The story world: a small probabilistic program that writes short stories, and its inverse.
 
 Every random choice the program makes is recorded with its log-probability, and the text determines
 the choices (:func:`parse` recovers them), so the information content of a story is exactly
 ``-sum(story.logprobs)`` nats. Averaged over the program, that gives the corpus's entropy rate
-(:func:`entropy_rate`): the floor below which no language model's loss can go.
+(:func:`minigpt.entropy.entropy_rate`): the floor below which no language model's loss can go.
 
 A story is six sentences, one per *section*. Each section picks a sentence template; a template has
 slots such as ``{hero}``, ``{he}`` or ``{object}``. A slot reads a *variable* (the hero's name, the
 object, the place, ...) and the variable is drawn the first time a chosen template needs it, so every
 variable that is drawn also appears in the text. Pronouns agree with the hero's name, which the model
 only sees in the first sentence.
+
+Here: the vocabulary, the program's tables (variables, slots, sections), the generator
+(:func:`generate_story`, :func:`story_corpus`), the finetuning questions (:func:`questions`) and the
+parser (:func:`parse`).
 
 Built in: 01_tokens
 """
@@ -148,7 +152,7 @@ SECTIONS: tuple[tuple[str, dict], ...] = (
 )
 
 SEPARATOR = "\n"  # between stories in a corpus; a story never contains it
-_SLOT = re.compile(r"\{(\w+)\}")
+SLOT = re.compile(r"\{(\w+)\}")  # a slot in a template: {hero}, {he}, {object}, ...
 
 
 @dataclass(frozen=True)
@@ -189,9 +193,12 @@ def _facts(b: dict) -> Facts:
                  gift=b["gift"], ending=b["ending"])
 
 
-def _slot_variables(template: str) -> list[str]:
-    """Variables a template needs, in the order they are first drawn (the order of VARIABLES)."""
-    needed = {v for slot in _SLOT.findall(template) for v in SLOTS[slot][0]}
+def slot_variables(template: str) -> list[str]:
+    """Variables a template needs, in the order they are first drawn (the order of VARIABLES).
+
+    Built in: 01_tokens
+    """
+    needed = {v for slot in SLOT.findall(template) for v in SLOTS[slot][0]}
     return [v for v in VARIABLES if v in needed]
 
 
@@ -220,7 +227,7 @@ def generate_story(rng: random.Random) -> Story:
         choices.append((name, k))
         logprobs.append(math.log(options[k][0]))
         template = options[k][1]
-        for var in _slot_variables(template):
+        for var in slot_variables(template):
             if var not in bound:
                 values = VARIABLES[var](bound)
                 bound[var] = values[rng.randrange(len(values))]
@@ -231,7 +238,7 @@ def generate_story(rng: random.Random) -> Story:
 
 
 def _render(template: str, bound: dict) -> str:
-    return _SLOT.sub(lambda m: SLOTS[m.group(1)][1](bound), template)
+    return SLOT.sub(lambda m: SLOTS[m.group(1)][1](bound), template)
 
 
 def generate_stories(n: int, seed: int = 0) -> list[Story]:
@@ -286,7 +293,7 @@ def questions(story: Story, kinds=None) -> list[dict[str, str]]:
 def _template_regex(template: str) -> re.Pattern:
     """A regex with one group per slot occurrence; each group matches any value the slot can take."""
     parts, last, k = [], 0, 0
-    for m in _SLOT.finditer(template):
+    for m in SLOT.finditer(template):
         parts.append(re.escape(template[last:m.start()]))
         parts.append(f"(?P<s{k}_{m.group(1)}>{_slot_alternatives(m.group(1))})")
         last, k = m.end(), k + 1
@@ -295,6 +302,7 @@ def _template_regex(template: str) -> re.Pattern:
 
 
 def _slot_alternatives(slot: str) -> str:
+    values: tuple[str, ...]
     if slot in ("hero", "friend", "giver", "receiver"):
         values = NAMES
     elif slot in _PRONOUNS or slot == "friend_girl":
@@ -321,7 +329,7 @@ def _bind_from_match(match: re.Match, template: str, bound: dict, where: int) ->
                 raise ValueError(f"not a story-world text: {slot}={text!r} at char {where} contradicts "
                                  f"{found[slot]!r} earlier")
             found[slot] = text
-    slots = set(_SLOT.findall(template))
+    slots = set(SLOT.findall(template))
     if "giver" in slots:  # the giver's name says who gives: the hero or the friend
         groups = match.groupdict()
         giver = groups[next(k for k in groups if k.endswith("_giver"))]
@@ -367,7 +375,7 @@ def parse(text: str) -> tuple[tuple[str, str | int], ...]:
             choices.append(("ending", cond))
         choices.append((name, k))
         new = _bind_from_match(m, template, bound, pos)
-        for var in _slot_variables(template):
+        for var in slot_variables(template):
             if var not in bound:
                 if new[var] not in VARIABLES[var](new):  # e.g. the friend must not be the hero
                     raise ValueError(f"not a story-world text: {var}={new[var]!r} at char {pos} is not "
@@ -379,159 +387,3 @@ def parse(text: str) -> tuple[tuple[str, str | int], ...]:
         raise ValueError(f"not a story-world text: unexpected text after the ending at char {pos}: "
                          f"{text[pos:pos + 40]!r}")
     return tuple(choices)
-
-
-# --- the entropy rate -------------------------------------------------------------------------------
-
-def _marginal(var: str, ending: str | None = None) -> list[tuple[str, float]]:
-    """The marginal distribution of a variable's value (given the ending, for "feeling").
-
-    friend is uniform over NAMES without the hero, so by symmetry its marginal is uniform over NAMES;
-    likewise gift over OBJECTS.
-    """
-    if var == "friend":
-        values = NAMES
-    elif var == "gift":
-        values = OBJECTS
-    elif var == "feeling":
-        values = HAPPY_FEELINGS if ending == "happy" else SAD_FEELINGS
-    else:
-        values = VARIABLES[var]({})
-    return [(v, 1 / len(values)) for v in values]
-
-
-def _pieces(template: str, lead: str) -> list[tuple[str, str | None]]:
-    """Split a sentence into (text, slot) pieces; literal pieces have slot None.
-
-    The space before a slot goes with the slot (" Mia", not " " + "Mia"), and ``lead`` (the space that
-    joins sentences) goes with the first piece, so that pieces begin where GPT-2's pre-splitting
-    begins a chunk: a word with its leading space, or punctuation.
-    """
-    out: list[tuple[str, str | None]] = []
-    pending, last = lead, 0
-    for m in _SLOT.finditer(template):
-        literal = pending + template[last:m.start()]
-        prefix = " " if literal.endswith(" ") else ""
-        if literal[: len(literal) - len(prefix)]:
-            out.append((literal[: len(literal) - len(prefix)], None))
-        out.append((prefix, m.group(1)))
-        pending, last = "", m.end()
-    if pending + template[last:]:
-        out.append((pending + template[last:], None))
-    return out
-
-
-def _expected_piece(prefix: str, slot: str, ending: str | None, cost: Callable[[str], float]) -> float:
-    """E[cost(prefix + rendered slot)], from the marginals of the variables the slot reads."""
-    reads = SLOTS[slot][0]
-    if reads == ("giver", "friend"):  # giver/receiver: the hero's or the friend's name, both uniform
-        return sum(p * cost(prefix + n) for n, p in _marginal("hero"))
-    (var,) = reads
-    render = SLOTS[slot][1]
-    return sum(p * cost(prefix + render({var: v})) for v, p in _marginal(var, ending))
-
-
-def _expected_cost(cost: Callable[[str], float]) -> float:
-    """E[sum of cost over a story's pieces and its separator], exactly, by linearity of expectation.
-
-    Each section's template is drawn independently, and each slot's value has a known marginal, so
-    the expectation is a sum over sections, templates and slots. For ``cost=len`` this is the
-    expected number of characters; for a tokenizer's token count it is the expected number of tokens
-    when tokenization is additive over the pieces (checked by :func:`entropy_rate`).
-    """
-    total = cost(SEPARATOR)
-    for k, (_, table) in enumerate(SECTIONS):
-        for cond, options in table.items():
-            weight = 1.0 if cond is None else ENDINGS[cond]
-            for p, template in options:
-                for text, slot in _pieces(template, " " if k else ""):
-                    piece = cost(text) if slot is None else _expected_piece(text, slot, cond, cost)
-                    total += weight * p * piece
-    return total
-
-
-def _story_pieces(story: Story) -> list[str]:
-    """The story's text cut into the pieces that :func:`_expected_cost` sums over."""
-    bound = dict(story.choices)
-    templates = []
-    for name, table in SECTIONS:
-        options = table[bound["ending"]] if None not in table else table[None]
-        templates.append(options[bound[name]][1])
-    return [text if slot is None else text + SLOTS[slot][1](bound)
-            for k, t in enumerate(templates) for text, slot in _pieces(t, " " if k else "")] + [SEPARATOR]
-
-
-@dataclass(frozen=True)
-class EntropyRate:
-    """The corpus's entropy per story, per character and (given a tokenizer) per token; all exact."""
-
-    nats_per_story: float
-    chars_per_story: float  # including the separator that follows each story
-    tokens_per_story: float | None = None
-
-    @property
-    def nats_per_char(self) -> float:
-        return self.nats_per_story / self.chars_per_story
-
-    @property
-    def bits_per_char(self) -> float:
-        return self.nats_per_char / math.log(2)
-
-    @property
-    def nats_per_token(self) -> float | None:
-        return None if self.tokens_per_story is None else self.nats_per_story / self.tokens_per_story
-
-
-def _entropy(probs) -> float:
-    return -math.fsum(p * math.log(p) for p in probs if p > 0)
-
-
-def _expected_nats() -> float:
-    """E[-log p(story)]: the entropy of each choice, weighted by the probability it is made."""
-    nats = _entropy(ENDINGS.values())
-    p_unused = {v: 1.0 for v in VARIABLES}  # P(no chosen template so far needs v)
-    for _, table in SECTIONS:
-        for cond, options in table.items():
-            nats += (1.0 if cond is None else ENDINGS[cond]) * _entropy(p for p, _ in options)
-        # sections draw templates independently, so P(unused) multiplies across sections
-        for v in VARIABLES:
-            p_use = sum((1.0 if c is None else ENDINGS[c]) * p for c, opts in table.items()
-                        for p, t in opts if v in _slot_variables(t))
-            p_unused[v] *= 1 - p_use
-    sizes = {"friend": len(NAMES) - 1, "gift": len(OBJECTS) - 1}
-    for v in VARIABLES:
-        if v == "feeling":  # only needed by ending templates; its set depends on the ending
-            for ending, pe in ENDINGS.items():
-                p_use = sum(p for p, t in dict(SECTIONS)["closing"][ending] if "{feeling}" in t)
-                nats += pe * p_use * math.log(len(_marginal("feeling", ending)))
-            continue
-        n = sizes[v] if v in sizes else len(VARIABLES[v]({}))
-        nats += (1 - p_unused[v]) * math.log(n)
-    return nats
-
-
-def entropy_rate(tokenizer=None) -> EntropyRate:
-    """The entropy rate of the story corpus: the loss floor no model can beat.
-
-    Because the text determines the choices, a story's information content is the sum of its choices'
-    -log p, and the corpus (stories drawn independently, each followed by a newline) has entropy rate
-    ``E[nats per story] / E[characters per story]`` (renewal-reward theorem). Both expectations are
-    computed exactly from the program's tables, not sampled; so is ``E[tokens per story]`` for a
-    ``tokenizer`` whose encoding is additive over words with their leading space and punctuation
-    (characters, or BPE with GPT-2's pre-splitting). A tokenizer that is not raises ValueError.
-
-    Built in: 01_tokens
-    """
-    nats, chars = _expected_nats(), _expected_cost(len)
-    if tokenizer is None:
-        return EntropyRate(nats, chars)
-
-    def count(text: str) -> int:
-        return len(tokenizer.encode(text))
-
-    for story in generate_stories(20, seed=0):
-        pieces = _story_pieces(story)
-        if sum(map(count, pieces)) != count(story.text + SEPARATOR):
-            raise ValueError(f"tokenizer {type(tokenizer).__name__} does not split stories at word "
-                             f"boundaries, so its tokens per story cannot be computed exactly")
-    return EntropyRate(nats, chars, _expected_cost(count))

@@ -1,4 +1,5 @@
-"""Tokenizers: characters, and byte-level BPE with GPT-2's pre-splitting.
+"""Tokenizers: characters, and byte-level BPE with GPT-2's pre-splitting; both saved as text files
+that are read back with checks naming the file and the line.
 
 ``BPETokenizer`` encodes exactly as ``tiktoken`` does when given the same ranks: each pre-split chunk
 starts as bytes, and the adjacent pair whose concatenation has the lowest rank is merged (leftmost
@@ -10,12 +11,14 @@ Built in: 01_tokens
 from __future__ import annotations
 
 import base64
+import binascii
 import heapq
 import json
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Self
 
 import regex
 
@@ -26,18 +29,26 @@ from minigpt.files import atomic_write, read_utf8
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 ENDOFTEXT = "<|endoftext|>"
 _FORMAT = "minigpt-bpe 1"
+_CHAR_FORMAT = "minigpt-char 1"
 _CACHE_LIMIT = 200_000  # chunks remembered by encode; cleared when full
 
 
 class _SavedAsText:
     """``save`` and ``load`` for a tokenizer that has ``to_text`` and ``from_text``."""
 
+    def to_text(self) -> str:
+        raise NotImplementedError
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "the tokenizer text") -> Self:
+        raise NotImplementedError
+
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`to_text` to ``path`` atomically."""
         atomic_write(Path(path), self.to_text())
 
     @classmethod
-    def load(cls, path: str | os.PathLike):
+    def load(cls, path: str | os.PathLike) -> Self:
         return cls.from_text(read_utf8(Path(path)), str(path))
 
 
@@ -79,17 +90,20 @@ class CharTokenizer(_SavedAsText):
             raise ValueError(f"ids must be integers in [0, {self.vocab_size})") from None
 
     def to_text(self) -> str:
-        return json.dumps({"format": "minigpt-char 1", "chars": "".join(self.chars)})
+        return json.dumps({"format": _CHAR_FORMAT, "chars": "".join(self.chars)})
 
     @classmethod
     def from_text(cls, text: str, source: str = "the tokenizer text") -> CharTokenizer:
-        path = source
+        """The tokenizer that :meth:`to_text` wrote; ValueError naming ``source`` and the line if the
+        text is not one."""
         try:
             data = json.loads(text)
-            assert data["format"] == "minigpt-char 1" and isinstance(data["chars"], str)
-        except (ValueError, KeyError, TypeError, AssertionError):
-            raise ValueError(f"{path} is not a minigpt character tokenizer file (corrupted or "
-                             f"truncated?)") from None
+        except json.JSONDecodeError as e:
+            raise _bad_file(source, _CHAR_FORMAT, e.lineno, f"JSON ({e.msg})") from None
+        if not isinstance(data, dict) or data.get("format") != _CHAR_FORMAT:
+            raise _bad_file(source, _CHAR_FORMAT, 1, f'a JSON object with "format": "{_CHAR_FORMAT}"')
+        if not isinstance(data.get("chars"), str):
+            raise _bad_file(source, _CHAR_FORMAT, 1, '"chars": the vocabulary\'s characters as a string')
         return cls(data["chars"])
 
 
@@ -206,7 +220,7 @@ class BPETokenizer(_SavedAsText):
             if s in text:
                 raise ValueError(f"text contains the special token {s!r}; pass allowed_special={{{s!r}}} "
                                  f"to encode it as a token, or disallowed_special=() to encode it as text")
-        if not allowed:
+        if not allowed or self._special_split is None:  # (allowed names are special tokens, so a split)
             return self._encode_ordinary(text)
         ids: list[int] = []
         for k, piece in enumerate(self._special_split.split(text)):
@@ -321,51 +335,88 @@ class BPETokenizer(_SavedAsText):
 
     @classmethod
     def from_text(cls, text: str, source: str = "the tokenizer text") -> BPETokenizer:
-        path = source
-        lines = text.split("\n")
-        at = 0
-
-        def bad(why: str) -> ValueError:
-            return ValueError(f"{path} is not a valid {_FORMAT} file: {why} (line {at + 1}); "
-                              f"it may be corrupted or truncated")
-
-        def line() -> str:
-            nonlocal at
-            if at >= len(lines):
-                raise bad("the file ends early")
-            at += 1
-            return lines[at - 1]
-
-        if line() != _FORMAT:
-            raise bad(f"the first line must be {_FORMAT!r}")
-        head, _, pattern = line().partition(" ")
+        """The tokenizer that :meth:`to_text` wrote; ValueError naming ``source``, the line and what
+        was expected there if the text is not one."""
+        lines = _Lines(text, source, _FORMAT)
+        if lines.next("the format line") != _FORMAT:
+            raise lines.bad(f"the format line {_FORMAT!r}")
+        pattern = lines.json_str(lines.field("pattern", "the pre-split regex as a JSON string"),
+                                 "the pre-split regex as a JSON string")
         try:
-            assert head == "pattern"
-            pattern = json.loads(pattern)
             regex.compile(pattern)
-            head, _, n = line().partition(" ")
-            assert head == "tokens"
-            ranks = {}
-            for _ in range(int(n)):
-                b64, i = line().split(" ")
-                ranks[base64.b64decode(b64, validate=True)] = int(i)
-            head, _, m = line().partition(" ")
-            assert head == "specials"
-            specials = {}
-            for _ in range(int(m)):
-                s, _, i = line().rpartition(" ")
-                specials[json.loads(s)] = int(i)
-            if line() != "end":
-                raise bad("expected 'end'")
-        except ValueError as e:
-            if "not a valid" in str(e):
-                raise
-            raise bad(str(e)) from None
-        except (AssertionError, regex.error, TypeError):
-            raise bad("unexpected content") from None
-        if len(ranks) != int(n):
-            raise bad("a token's bytes appear twice")
-        return cls(ranks, specials, pattern)
+        except regex.error as e:
+            raise lines.bad(f"a valid regex ({e})") from None
+        n = lines.count(lines.field("tokens", "the number of tokens"), "the number of tokens")
+        ranks: dict[bytes, int] = {}
+        for _ in range(n):
+            b64, _, i = lines.next("'<base64 of token bytes> <id>'").partition(" ")
+            try:
+                token = base64.b64decode(b64, validate=True)
+            except binascii.Error:
+                raise lines.bad("'<base64 of token bytes> <id>' with valid base64") from None
+            if token in ranks:
+                raise lines.bad("a token whose bytes appear once, but they appeared before")
+            ranks[token] = lines.count(i, "'<base64 of token bytes> <id>' with an integer id")
+        what = "the number of special tokens"
+        m = lines.count(lines.field("specials", what), what)
+        specials: dict[str, int] = {}
+        for _ in range(m):
+            name, _, i = lines.next("'<special token as a JSON string> <id>'").rpartition(" ")
+            specials[lines.json_str(name, "a special token as a JSON string")] = lines.count(
+                i, "'<special token as a JSON string> <id>' with an integer id")
+        if lines.next("'end'") != "end":
+            raise lines.bad("'end'")
+        try:
+            return cls(ranks, specials, pattern)
+        except ValueError as e:  # well formed, but not a tokenizer (ids missing, a byte without a token)
+            raise ValueError(f"{source}: {e}") from None
+
+
+Tokenizer = CharTokenizer | BPETokenizer  # what a checkpoint can hold
+
+
+def _bad_file(source: str, kind: str, line: int, expected: str) -> ValueError:
+    return ValueError(f"{source}, line {line}: expected {expected}; it is not a valid {kind} file "
+                      f"(corrupted or truncated?)")
+
+
+class _Lines:
+    """The lines of a tokenizer file, read in order; every error names the file and the line."""
+
+    def __init__(self, text: str, source: str, kind: str):
+        self.lines, self.source, self.kind, self.at = text.split("\n"), source, kind, 0
+
+    def bad(self, expected: str) -> ValueError:
+        return _bad_file(self.source, self.kind, self.at, expected)
+
+    def next(self, expected: str) -> str:
+        """The next line; ``expected`` says what it should hold, for the error if the file ends."""
+        self.at += 1
+        if self.at > len(self.lines):
+            raise self.bad(f"{expected}, but the file ends")
+        return self.lines[self.at - 1]
+
+    def field(self, name: str, expected: str) -> str:
+        """The rest of the next line, which must start with ``name`` and a space."""
+        head, _, rest = self.next(f"'{name} <{expected}>'").partition(" ")
+        if head != name:
+            raise self.bad(f"'{name} <{expected}>'")
+        return rest
+
+    def count(self, text: str, expected: str) -> int:
+        """``text`` as an integer of 0 or more."""
+        if not text.isascii() or not text.isdigit():
+            raise self.bad(expected)
+        return int(text)
+
+    def json_str(self, text: str, expected: str) -> str:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise self.bad(expected) from None
+        if not isinstance(value, str):
+            raise self.bad(expected)
+        return value
 
 
 def _merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:

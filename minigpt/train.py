@@ -1,5 +1,5 @@
 """Pretraining: random windows, AdamW, warmup + cosine, clipping, accumulation, evaluation,
-checkpoints that resume exactly, progress, and MFU.
+checkpoints that resume exactly (and loading a model and its tokenizer from one), progress, and MFU.
 
 Built in: 04_pretraining
 """
@@ -15,12 +15,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from minigpt.checks import positive_int
 from minigpt.distributed import mean_over_ranks, rank_and_world
 from minigpt.files import atomic_write, load_tensors
 from minigpt.model import GPT, GPTConfig, flops_per_token
-from minigpt.tokenizer import BPETokenizer, CharTokenizer
+from minigpt.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.json"
@@ -54,8 +56,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+            positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "checkpoint_interval", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be 0 or more")
@@ -117,15 +118,23 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def tokenizer_to_dict(tokenizer) -> dict:
+def tokenizer_to_dict(tokenizer: Tokenizer) -> dict:
+    """The tokenizer as plain data for a checkpoint: its kind and its :meth:`to_text`.
+
+    Built in: 04_pretraining
+    """
     kind = "char" if isinstance(tokenizer, CharTokenizer) else "bpe"
     return {"kind": kind, "text": tokenizer.to_text()}
 
 
-def tokenizer_from_dict(d: dict | None):
-    if d is None:  # trained on ids without a tokenizer
+def tokenizer_from_dict(d: dict | None) -> Tokenizer | None:
+    """The tokenizer that :func:`tokenizer_to_dict` saved; None for a model trained without one.
+
+    Built in: 04_pretraining
+    """
+    if d is None:
         return None
-    cls = CharTokenizer if d["kind"] == "char" else BPETokenizer
+    cls: type[Tokenizer] = CharTokenizer if d["kind"] == "char" else BPETokenizer
     return cls.from_text(d["text"], "the checkpoint's tokenizer")
 
 
@@ -142,7 +151,7 @@ def load_checkpoint(path: str | Path, device="cpu") -> dict:
     return load_tensors(path, "minigpt checkpoint", device)
 
 
-def model_from_checkpoint(path: str | Path, device="cpu") -> tuple[GPT, object]:
+def model_from_checkpoint(path: str | Path, device="cpu") -> tuple[GPT, Tokenizer | None]:
     """The trained model (in eval mode) and its tokenizer (None if it was trained without one).
 
     Built in: 04_pretraining
@@ -179,7 +188,8 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
     Built in: 04_pretraining
     """
-    scales = model.lr_multipliers() if hasattr(model, "lr_multipliers") else {}
+    multipliers = getattr(model, "lr_multipliers", None)  # a GPT's; a classifier has none
+    scales = multipliers() if multipliers is not None else {}
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -211,14 +221,17 @@ class Trainer:
     """Trains a GPT on token streams; ``out_dir`` (optional) receives checkpoints and the loss history.
 
     ``train_ids`` and ``val_ids`` may instead be example sets (chapter 05's finetuning data); only the
-    parameters that require gradients are optimised (a frozen body, LoRA).
+    parameters that require gradients are optimised (a frozen body, LoRA). ``data_settings`` (plain
+    data: how the data was made) is saved in every checkpoint, so that a resumed command line can
+    make the same data again.
 
     Built in: 04_pretraining
     """
 
     def __init__(self, model: GPT, train_ids: torch.Tensor, val_ids: torch.Tensor, config: TrainConfig,
-                 tokenizer=None, out_dir: str | Path | None = None):
+                 tokenizer=None, out_dir: str | Path | None = None, data_settings: dict | None = None):
         self.config = config
+        self.data_settings = data_settings
         self.rank, self.world_size = rank_and_world()
         self.device = pick_device(config.device)
         self.model = model.to(self.device)
@@ -239,9 +252,9 @@ class Trainer:
         self.data_generator = torch.Generator().manual_seed(config.seed)
         # Under a process group, DistributedDataParallel starts every copy from rank 0's weights and,
         # during backward, averages the gradients across processes in buckets as they become ready.
-        self.parallel = self.model
+        self.parallel: torch.nn.Module = self.model
         if self.world_size > 1:
-            self.parallel = torch.nn.parallel.DistributedDataParallel(
+            self.parallel = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.forward = torch.compile(self.parallel) if config.compile else self.parallel
 
@@ -274,7 +287,10 @@ class Trainer:
             self.tokens += x.numel() * self.world_size
             # all-reduce once per step: skip the gradient sync on every micro-batch but the last
             last = micro == c.grad_accum - 1
-            with contextlib.nullcontext() if last or self.world_size == 1 else self.parallel.no_sync():
+            sync: contextlib.AbstractContextManager = contextlib.nullcontext()
+            if not last and isinstance(self.parallel, DistributedDataParallel):
+                sync = self.parallel.no_sync()
+            with sync:
                 loss = self._loss(x, y) / c.grad_accum
                 loss.backward()
             total += loss.item()
@@ -359,6 +375,7 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "tokenizer": tokenizer_to_dict(self.tokenizer) if self.tokenizer is not None else None,
             "history": self.history,
+            **({"data_settings": self.data_settings} if self.data_settings is not None else {}),
         }
 
     def save(self, out_dir: str | Path | None = None) -> Path:

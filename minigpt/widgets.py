@@ -98,12 +98,14 @@ class AttentionExplorer:
             control.observe(self._update, names="value")
         self.widget = w.VBox([self.text, w.HBox([self.layer, self.head, self.mean]), self.image,
                               self.status])
-        self._cache_text, self._maps = None, None
+        self._cache_text: str | None = None
+        self._labels: list[str] = []
+        self._maps: torch.Tensor | None = None
         self._update()
 
     def weights(self) -> tuple[list[str], torch.Tensor]:
         """The labels and the (T, T) matrix the controls currently select."""
-        if self._cache_text != self.text.value:
+        if self._maps is None or self._cache_text != self.text.value:
             self._labels, self._maps = attention_maps(self.model, self.tokenizer, self.text.value)
             self._cache_text = self.text.value
         maps = self._maps[self.layer.value]

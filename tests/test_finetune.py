@@ -9,27 +9,29 @@ import torch.nn.functional as F
 from minigpt.data import QUESTIONS, generate_stories, questions
 from minigpt.finetune import (
     IGNORE,
-    LORA_TARGETS,
     Examples,
     GPTClassifier,
-    LoRALinear,
     PromptTemplate,
-    add_lora,
     classification_accuracy,
     encode_conversation,
     encode_instruction,
     exact_match,
     greedy_complete,
+    mean_loss,
+)
+from minigpt.generate import generate
+from minigpt.lora import (
+    LORA_TARGETS,
+    LoRALinear,
+    add_lora,
     load_adapters,
     lora_modules,
     lora_parameter_count,
-    mean_loss,
     merge_lora,
     save_adapters,
     trainable_parameters,
     unmerge_lora,
 )
-from minigpt.generate import generate
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import ENDOFTEXT, BPETokenizer, CharTokenizer
 from minigpt.train import TrainConfig, Trainer
@@ -57,6 +59,15 @@ def story_tok():
 
 
 # --- LoRA ----------------------------------------------------------------------------------------------
+
+def test_lora_is_also_importable_from_finetune():
+    import minigpt.finetune
+    import minigpt.lora
+
+    for name in ("LORA_TARGETS", "LoRALinear", "add_lora", "load_adapters", "lora_modules", "merge_lora",
+                 "save_adapters", "trainable_parameters", "unmerge_lora", "lora_parameter_count"):
+        assert getattr(minigpt.finetune, name) is getattr(minigpt.lora, name), name
+
 
 def test_lora_starts_equal_to_the_base_model():
     model = tiny()
@@ -86,7 +97,14 @@ def test_merged_lora_equals_unmerged(dtype, atol):
     assert (again - unmerged).abs().max() < atol
     for n, m in lora_modules(model).items():
         torch.testing.assert_close(m.base.weight, base[n], atol=atol, rtol=0)
-    assert not torch.equal(unmerged, tiny(dtype=dtype)(idx)[0])  # the adapters do change the model
+    # the same model by hand: a plain GPT whose adapted weights are W + (alpha / r) B A
+    by_hand = tiny(dtype=dtype)
+    linears = dict(by_hand.named_modules())
+    with torch.no_grad():
+        for n, m in lora_modules(model).items():
+            linears[n].weight += (8 / 4) * m.lora_B @ m.lora_A
+        expected = by_hand(idx)[0]
+    assert (unmerged - expected).abs().max() < atol
 
 
 @pytest.mark.parametrize("rank", [1, 2, 8])
@@ -144,8 +162,11 @@ def test_adapters_save_and_load_alone(tmp_path):
     fresh = tiny()  # the same base weights
     add_lora(fresh, rank=4, alpha=8)
     idx = torch.randint(50, (2, 12))
-    assert not torch.equal(fresh(idx)[0], model(idx)[0])
+    assert torch.equal(fresh(idx)[0], tiny()(idx)[0])  # fresh adapters add exactly zero (B = 0)
     load_adapters(fresh, path)
+    loaded = lora_modules(fresh)
+    for n, m in lora_modules(model).items():
+        assert torch.equal(loaded[n].lora_A, m.lora_A) and torch.equal(loaded[n].lora_B, m.lora_B), n
     assert torch.equal(fresh(idx)[0], model(idx)[0])
 
     other = tiny()

@@ -1,9 +1,11 @@
 """Sampling and the KV cache."""
 
+import re
+
 import pytest
 import torch
 
-from minigpt.generate import KVCache, filter_logits, generate
+from minigpt.generate import KVCache, filter_logits, generate, sample_next
 from minigpt.model import GPT, GPTConfig
 
 
@@ -90,3 +92,31 @@ def test_bad_arguments_are_named(model):
         generate(model, [0, 50], 5)
     with pytest.raises(ValueError, match="max_new_tokens or max_length"):
         generate(model, [1])
+
+
+@pytest.mark.parametrize("name, value", [
+    ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", float("-inf")),
+    ("top_p", float("nan")), ("top_p", float("inf")),
+    ("top_k", float("nan")), ("top_k", float("inf")), ("top_k", 2.0), ("top_k", True),
+])
+def test_nan_and_infinite_sampling_settings_are_named(model, name, value):
+    pattern = re.escape(f"{name}={value!r} must be")
+    with pytest.raises(ValueError, match=pattern):
+        generate(model, [1], 5, **{name: value})
+    with pytest.raises(ValueError, match=pattern):
+        sample_next(torch.zeros(2, 50), **{name: value})
+    with pytest.raises(ValueError, match=pattern):  # greedy decoding does not excuse them
+        generate(model, [1], 5, do_sample=False, **{name: value})
+
+
+def test_sample_next_is_greedy_at_temperature_zero_and_draws_from_the_filtered_softmax():
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3], [0.7, 0.1, 0.2]]))
+    assert sample_next(logits, temperature=0).tolist() == [1, 0]
+    g = torch.Generator().manual_seed(3)
+    draws = torch.stack([sample_next(logits, top_k=2, generator=g) for _ in range(4000)])
+    assert not (draws[:, 0] == 0).any() and not (draws[:, 1] == 1).any()  # top_k=2 drops the least likely
+    share = (draws[:, 0] == 1).float().mean().item()  # 0.6 / (0.6 + 0.3) after renormalising
+    assert abs(share - 2 / 3) < 0.03  # about 4 standard deviations (sd = 0.0075 for 4000 draws)
+    expected = torch.multinomial(filter_logits(logits, 0.7, None, 0.8).softmax(-1), 1,
+                                 generator=torch.Generator().manual_seed(5))[:, 0]
+    assert torch.equal(sample_next(logits, 0.7, None, 0.8, torch.Generator().manual_seed(5)), expected)

@@ -5,6 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from minigpt.attention import MultiHeadAttention
+from minigpt.checks import positive_int
 from minigpt.generate import generate
 from minigpt.model import GPT, GPTConfig, flops_per_token
 
@@ -135,3 +136,12 @@ def test_from_pretrained_without_the_hub_is_a_clear_error(monkeypatch, tmp_path)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(RuntimeError, match="could not load 'gpt2'"):
         GPT.from_pretrained("gpt2")
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.0, True, "4", None])
+def test_one_positive_integer_check_for_every_shape_field(value):
+    with pytest.raises(ValueError, match=f"^n_layer={value!r} must be a positive integer$"):
+        positive_int("n_layer", value)
+    with pytest.raises(ValueError, match=f"^n_layer={value!r} must be a positive integer$"):
+        GPTConfig(n_layer=value)
+    assert positive_int("n_layer", 7) == 7

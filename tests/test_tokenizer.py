@@ -1,5 +1,7 @@
 """Tokenizers: BPE equals tiktoken given the same ranks; round trips; training; files; errors."""
 
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -8,6 +10,7 @@ import tiktoken
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import ROOT
 from minigpt.data import story_corpus
 from minigpt.tokenizer import ENDOFTEXT, GPT2_PATTERN, BPETokenizer, CharTokenizer
 
@@ -173,6 +176,40 @@ def test_bad_tokenizer_files(tmp_path, story_bpe):
     path.write_bytes(b"minigpt-bpe 1\n\xff\xfe")
     with pytest.raises(ValueError, match="not UTF-8"):
         BPETokenizer.load(path)
+
+
+@pytest.mark.parametrize("edit, line, expected", [
+    (lambda t: "something else\n" + t, 1, "the format line 'minigpt-bpe 1'"),
+    (lambda t: t.replace("pattern ", "pattern 3", 1), 2, "the pre-split regex as a JSON string"),
+    (lambda t: t.replace("tokens ", "tokens x", 1), 3, "the number of tokens"),
+    (lambda t: t.replace("\nAA== 0\n", "\n!!notbase64 0\n", 1), 4, "with valid base64"),
+    (lambda t: t.replace("\nAA== 0\n", "\nAA== zero\n", 1), 4, "with an integer id"),
+    (lambda t: t.replace("\nAQ== 1\n", "\nAA== 1\n", 1), 5, "appear once"),
+    (lambda t: t.replace("\nend\n", "\nstop\n"), -2, "'end'"),
+    (lambda t: t[: t.index("\nspecials")], 0, "'specials <the number of special tokens>', but the file ends"),
+])
+def test_a_bad_tokenizer_file_names_the_line_and_what_was_expected(tmp_path, story_bpe, edit, line, expected):
+    path = tmp_path / "tok.txt"
+    good = story_bpe.to_text()
+    text = edit(good)
+    assert text != good
+    n_lines = len(text.split("\n"))
+    line = line if line > 0 else n_lines + line + 1  # 0: the line after the last
+    path.write_text(text)
+    with pytest.raises(ValueError) as e:
+        BPETokenizer.load(path)
+    assert str(e.value).startswith(f"{path}, line {line}: expected ") and expected in str(e.value), e.value
+
+
+def test_file_checks_hold_under_python_O(tmp_path):
+    # the checks are if-and-raise, not assert, so that python -O (which strips asserts) keeps them
+    path = tmp_path / "c.json"
+    path.write_text('{"format": "minigpt-char 1", "chars": 3}')
+    code = ("import sys; from minigpt.tokenizer import CharTokenizer\n"
+            "try:\n    CharTokenizer.load(sys.argv[1])\nexcept ValueError as e:\n    print(e)")
+    done = subprocess.run([sys.executable, "-O", "-c", code, str(path)], capture_output=True, text=True,
+                          cwd=ROOT, check=True)
+    assert done.stdout.startswith(f"{path}, line 1: expected \"chars\""), done.stdout + done.stderr
 
 
 def test_bad_training_input():

@@ -73,14 +73,26 @@ def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
     Exploit.target = tmp_path / "pwned"
     path = tmp_path / "checkpoint.pt"
     torch.save({"model": Exploit()}, path)
-    with pytest.raises(ValueError, match="refused or corrupted"):
-        load_checkpoint(path)
-    assert not Exploit.target.exists()
-    with open(path, "wb") as f:  # and a plain pickle of the same
-        pickle.dump({"model": Exploit()}, f)
-    with pytest.raises(ValueError, match="refused or corrupted"):
-        load_checkpoint(path)
-    assert not Exploit.target.exists()
+    for _ in range(2):
+        with pytest.raises(ValueError) as e:
+            load_checkpoint(path)
+        message = str(e.value)
+        assert message.startswith(f"{path} is not a loadable minigpt checkpoint: it holds more than tensors")
+        assert "minigpt never runs code from a checkpoint" in message
+        assert "weights_only" not in message and "trust" not in message  # no advice to load it anyway
+        assert not Exploit.target.exists()
+        with open(path, "wb") as f:  # and a plain pickle of the same
+            pickle.dump({"model": Exploit()}, f)
+
+
+def test_a_truncated_checkpoint_is_named(tmp_path):
+    t = Trainer(small_model(), TRAIN, VAL, config(max_steps=1), tokenizer=TOK, out_dir=tmp_path)
+    t.train()
+    data = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    says = "checkpoint.pt is not a loadable minigpt checkpoint: it is truncated or corrupted"
+    with pytest.raises(ValueError, match=says):
+        load_checkpoint(tmp_path)
 
 
 def test_learning_rate_schedule():
@@ -158,15 +170,84 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert message in err and len(err.splitlines()) == 1, err
 
 
-def test_resume_with_another_shape_is_refused(tmp_path, capsys):
-    common = ["--data", "stories", "--stories", "200", "--block-size", "16", "--n-embd", "32",
-              "--n-layer", "1", "--max-steps", "2", "--eval-interval", "1", "--no-progress"]
-    assert main(["train", *common, "--out", str(tmp_path)]) == 0
+# a shape and settings that are none of the command line's defaults
+SHAPE = ["--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--block-size", "32", "--dropout", "0.1",
+         "--no-bias"]
+SETTINGS = ["--data", "stories", "--stories", "200", "--val-fraction", "0.2", "--batch-size", "4",
+            "--grad-accum", "2", "--lr", "3e-3", "--min-lr", "3e-4", "--warmup", "2", "--eval-interval", "4",
+            "--eval-batches", "2", "--checkpoint-interval", "0", "--seed", "7", "--max-steps", "8"]
+
+
+def without_timing(history):
+    return [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in history]
+
+
+def test_resume_with_only_the_directory_continues_a_non_default_run_exactly(tmp_path, capsys):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main(["train", *SHAPE, *SETTINGS, "--no-progress", "--out", str(straight)]) == 0
+    assert main(["train", *SHAPE, *SETTINGS, "--no-progress", "--steps", "4", "--out", str(stopped)]) == 0
+    assert load_checkpoint(stopped)["step"] == 4
     capsys.readouterr()
-    assert main(["train", *common[:-7], "--n-layer", "2", "--max-steps", "4", "--eval-interval", "1",
-                 "--no-progress", "--resume", str(tmp_path)]) == 2
+    assert main(["train", "--resume", str(stopped)]) == 0  # shape, tokenizer, data and settings: all saved
+    a, b = load_checkpoint(straight), load_checkpoint(stopped)
+    assert b["step"] == 8 and b["model_config"] == a["model_config"]
+    shape = b["model_config"]
+    assert (shape["n_layer"], shape["n_embd"], shape["n_head"], shape["bias"]) == (2, 64, 2, False)
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert [h["step"] for h in b["history"]] == [4, 8]
+    assert without_timing(b["history"]) == without_timing(a["history"])  # every loss, bit for bit
+    assert capsys.readouterr().out.strip() == (f"step 8: train loss {a['history'][-1]['train']:.4f}, "
+                                               f"val loss {a['history'][-1]['val']:.4f}")
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    args = [*SHAPE, *SETTINGS[:-1], "1", "--no-progress", "--out", str(out)]
+    assert main(["train", *args]) == 0
+    return out
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--n-layer", "3"], "--n-layer 3 contradicts its checkpoint, which has n_layer=2"),
+    (["--n-head", "4", "--n-layer", "2"], "--n-head 4 contradicts its checkpoint, which has n_head=2"),
+    (["--bias"], "--bias contradicts its checkpoint, which has bias=False"),
+    (["--dropout", "0"], "--dropout 0.0 contradicts its checkpoint, which has dropout=0.1"),
+    (["--block-size", "64"], "--block-size 64 contradicts its checkpoint, which has block_size=32"),
+    (["--tokenizer", "bpe"], "--tokenizer bpe contradicts its checkpoint, which has tokenizer=char"),
+])
+def test_a_flag_that_contradicts_the_checkpoint_is_one_line_and_exit_2(one_step_run, capsys, flags, says):
+    assert main(["train", "--resume", str(one_step_run), *flags]) == 2
     err = capsys.readouterr().err.strip()
-    assert "n_layer=1 in the checkpoint but 2 here" in err and len(err.splitlines()) == 1
+    assert len(err.splitlines()) == 1, err
+    assert err == (f"python -m minigpt train: error: cannot resume {one_step_run}: {says}; leave the flag "
+                   f"out (the checkpoint fixes the model and its tokenizer)")
+
+
+def test_flags_that_agree_with_the_checkpoint_or_change_a_setting_are_accepted(one_step_run):
+    # the model's own flags, repeated with the checkpoint's values, and a new end of the schedule
+    assert main(["train", "--resume", str(one_step_run), *SHAPE, "--tokenizer", "char", "--max-steps", "2",
+                 "--no-progress"]) == 0
+    ckpt = load_checkpoint(one_step_run)
+    assert ckpt["step"] == 2 and ckpt["train_config"]["max_steps"] == 2
+    assert ckpt["train_config"]["lr"] == 3e-3 and ckpt["train_config"]["batch_size"] == 4  # kept
+
+
+def test_the_command_lines_defaults_are_the_dataclasses_defaults():
+    from dataclasses import fields
+
+    from minigpt.__main__ import CLI_SHAPE, RUN_FLAGS, build_parser
+
+    args = vars(build_parser().parse_args(["train"]))
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    names = (*RUN_FLAGS, "device", "compile")
+    assert {k: args[k] for k in names} == {k: defaults[k] for k in names}
+    assert len(RUN_FLAGS) == 12 and args["max_steps"] == 2000 and args["lr"] == 1e-3
+    assert {k: args[k] for k in CLI_SHAPE} == CLI_SHAPE == dict(n_layer=4, n_head=4, n_embd=128,
+                                                                  block_size=64)
+    assert (args["dropout"], args["bias"]) == (GPTConfig.dropout, GPTConfig.bias)
 
 
 def test_cli_usage_errors_exit_2(capsys):
