@@ -20,9 +20,10 @@ $(STAMP): requirements.txt pyproject.toml
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" $(LAB_ARGS) notebooks/00_preface.ipynb
 
-## make test: lint, unit tests, and every notebook re-executed by nbval
+## make test: lint (ruff and mypy), unit tests, and every notebook re-executed by nbval
 test: $(STAMP)
 	$(VENV)/bin/ruff check minigpt wafer tests bench scripts
+	$(VENV)/bin/mypy
 	$(PY) -m pytest tests notebooks $(NBVAL) -p no:cacheprovider
 
 unit: $(STAMP)
@@ -31,8 +32,10 @@ unit: $(STAMP)
 nbval: $(STAMP)
 	$(PY) -m pytest notebooks $(NBVAL) -p no:cacheprovider
 
+## make lint: ruff over the code, and mypy over minigpt/ and wafer/ (configured in pyproject.toml)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check minigpt wafer tests bench scripts
+	$(VENV)/bin/mypy
 
 ## make sync: pair book/*.md with notebooks/*.ipynb and re-execute changed chapters
 ## (CHAPTERS="01 02" or FORCE=1 re-executes those or all)

@@ -17,10 +17,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE = ROOT / "build" / "site"
-MODULES = {"minigpt": ["stories", "data", "tokenizer", "attention", "model", "generate", "train", "finetune",
-                       "distributed", "scaling", "files", "widgets"],
-           "wafer": ["hardware", "workload", "mesh", "collectives", "cost", "viz", "placement", "streaming",
-                     "inference", "emulate", "widgets"]}
+MODULES = {"minigpt": ["envcheck", "stories", "entropy", "data", "files", "checks", "tokenizer", "attention",
+                       "model", "generate", "train", "finetune", "lora", "distributed", "scaling", "widgets"],
+           "wafer": ["hardware", "target", "shape", "workload", "stages", "cost", "mesh", "collectives",
+                     "viz", "placement", "strategies", "optimize", "placement_sim", "streaming", "inference",
+                     "emulate", "widgets"]}
 
 
 def chapters() -> list[str]:

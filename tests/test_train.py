@@ -15,7 +15,14 @@ from minigpt.__main__ import main
 from minigpt.data import story_corpus
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import CharTokenizer
-from minigpt.train import TrainConfig, Trainer, learning_rate, load_checkpoint, model_from_checkpoint
+from minigpt.train import (
+    CHECKPOINT,
+    TrainConfig,
+    Trainer,
+    learning_rate,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 
 TEXT = story_corpus(300, seed=0)
 TOK = CharTokenizer.train(TEXT)
@@ -137,12 +144,15 @@ def test_ctrl_c_leaves_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "minigpt", "train", "--data", "stories", "--stories",
                              "300", "--n-layer", "1", "--n-embd", "32", "--block-size", "32",
-                             "--max-steps", "100000", "--checkpoint-interval", "0", "--no-progress",
+                             "--max-steps", "100000", "--checkpoint-interval", "1", "--no-progress",
                              "--out", str(out)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
                             preexec_fn=like_a_terminal)
     try:
         assert "training" in proc.stderr.readline()  # the loop is about to start
-        time.sleep(3)
+        deadline = time.monotonic() + 120  # on a loaded machine the first step can take seconds
+        while not (out / CHECKPOINT).exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)  # wait for a first step to end (a checkpoint follows every step)
+        assert (out / CHECKPOINT).exists(), "no training step finished within 120 s"
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -151,7 +161,7 @@ def test_ctrl_c_leaves_a_loadable_checkpoint(tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted at step" in err and "Traceback" not in err
     ckpt = load_checkpoint(out)
-    assert ckpt["step"] > 0
+    assert ckpt["step"] > 0 and f"interrupted at step {ckpt['step']};" in err  # saved where it stopped
     model_from_checkpoint(out)
 
 

@@ -1,0 +1,66 @@
+"""The packages' layout, as ARCHITECTURE.md states it: small modules, small simulator functions, and
+imports that go one way (``wafer`` may read ``minigpt``'s models and configs; ``minigpt`` never
+imports ``wafer``)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = sorted((ROOT / "minigpt").glob("*.py")) + sorted((ROOT / "wafer").glob("*.py"))
+# The wafer modules that read a minigpt model or config (the explorers' model lists).
+READS_MINIGPT = {"widgets.py"}
+
+
+def imported(path: Path) -> set[str]:
+    """Top-level package names that ``path`` imports, anywhere in the file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_module_is_at_most_500_lines(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= 500, f"{path.parent.name}/{path.name} has {lines} lines: split it by idea"
+
+
+def test_mesh_functions_are_at_most_60_lines_and_nothing_is_nonlocal():
+    tree = ast.parse((ROOT / "wafer" / "mesh.py").read_text())
+    long = [(f.name, f.end_lineno - f.lineno + 1) for f in ast.walk(tree)
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.end_lineno - f.lineno + 1 > 60]
+    assert long == []
+    for path in sorted((ROOT / "wafer").glob("*.py")):
+        assert not any(isinstance(n, ast.Nonlocal) for n in ast.walk(ast.parse(path.read_text()))), path.name
+
+
+def test_imports_go_one_way():
+    for path in sorted((ROOT / "minigpt").glob("*.py")):
+        assert "wafer" not in imported(path), f"minigpt/{path.name} imports wafer"
+    readers = {p.name for p in sorted((ROOT / "wafer").glob("*.py")) if "minigpt" in imported(p)}
+    assert readers <= READS_MINIGPT, f"wafer modules that import minigpt: {sorted(readers)}"
+
+
+def test_the_checks_can_fail(tmp_path):
+    """The import check sees an import inside a function, as a lazy import would be written."""
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from wafer.hardware import WSE2\n    import minigpt.model\n")
+    assert imported(f) == {"wafer", "minigpt"}
+
+
+def test_the_api_reference_lists_every_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("site_script", ROOT / "scripts" / "site.py")
+    site = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(site)
+    for package, listed in site.MODULES.items():
+        modules = {p.stem for p in (ROOT / package).glob("*.py")} - {"__init__", "__main__"}
+        assert sorted(listed) == sorted(modules), package
