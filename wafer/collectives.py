@@ -36,7 +36,7 @@ import math
 
 import numpy as np
 
-from wafer.hardware import TOY, Wafer
+from wafer.hardware import TOY, Wafer, positive_int
 from wafer.mesh import (
     EAST,
     NORTH,
@@ -140,8 +140,7 @@ def tree_chains(n: int, levels: int) -> list[list[list[int]]]:
     """
     if not isinstance(levels, int) or levels < 1:
         raise ValueError(f"levels={levels!r} must be a positive integer (1 = a chain)")
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n={n!r} must be a positive integer")
+    positive_int("n", n)
     g = max(2, math.ceil(n ** (1 / levels) - 1e-9))
     nodes, out = list(range(n)), []
     for level in range(levels):

@@ -87,9 +87,7 @@ def layout(shape: Shape, wafer: Wafer, side: int, dtype: str = MODEL_DTYPE,
     squares = wafers * (wafer.width // side) * (wafer.height // side)
     if layers_per_region is None:
         layers_per_region = math.ceil(shape.n_layer / squares)
-    elif not isinstance(layers_per_region, int) or layers_per_region < 1:
-        raise ValueError(f"layers_per_region={layers_per_region!r} must be a positive integer")
-    elif shape.n_layer / layers_per_region * pes > wafers * wafer.pes:
+    elif shape.n_layer / positive_int("layers_per_region", layers_per_region) * pes > wafers * wafer.pes:
         raise ValueError(f"{shape.n_layer} layers at {layers_per_region} per region of {side} x {side} need "
                          f"{shape.n_layer / layers_per_region * pes:,.0f} PEs; the {wafer.name} grid has "
                          f"{wafers * wafer.pes:,}")

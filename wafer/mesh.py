@@ -40,7 +40,7 @@ from typing import Protocol, cast
 
 import numpy as np
 
-from wafer.hardware import TOY, Wafer
+from wafer.hardware import TOY, Wafer, positive_int
 
 RAMP, NORTH, SOUTH, EAST, WEST = range(5)
 PORTS = ("ramp", "north", "south", "east", "west")
@@ -157,9 +157,7 @@ class Mesh:
     """
 
     def __init__(self, width: int, height: int, wafer: Wafer = TOY):
-        for name, value in (("width", width), ("height", height)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+        positive_int("width", width), positive_int("height", height)
         self.width, self.height, self.wafer = width, height, wafer
         self.hop_cycles, self.stage_cycles = wafer.hop_cycles, wafer.stage_cycles
         # (PE, color) -> (the ports it is received from, the ports it is sent to)
