@@ -5,10 +5,6 @@ import pytest
 from wafer.cost import gemm_cycles, gemv_cycles
 from wafer.hardware import A100, H100, WSE2, WSE3
 from wafer.inference import (
-    LLAMA2_13B,
-    LLAMA3_8B,
-    QWEN2_72B,
-    Shape,
     decode,
     gpu_decode,
     gpu_prefill,
@@ -16,6 +12,7 @@ from wafer.inference import (
     min_wafers,
     prefill,
 )
+from wafer.shape import LLAMA2_13B, LLAMA3_8B, QWEN2_72B, Shape
 from wafer.target import Target
 
 

@@ -4,7 +4,7 @@ It holds :func:`layout` (a :class:`Layout`: the layers on P x P regions, the KV 
 :func:`min_wafers`; :func:`decode` (a :class:`Decode`) and :func:`prefill` (a :class:`Prefill`) on a
 :class:`~wafer.target.Target`, whose context is the cached tokens or the prompt; and their GPU
 rooflines, :func:`gpu_decode` and :func:`gpu_prefill` (a :class:`GpuRoofline`). The shapes of four
-open models are re-exported from :mod:`wafer.shape`; every function also takes what
+open models are in :mod:`wafer.shape`; every function also takes what
 :meth:`~wafer.shape.Shape.from_config` reads. The wafer defaults to
 :data:`wafer.hardware.MODEL_DTYPE` (16-bit), a GPU to :data:`wafer.hardware.GPU_DTYPE`.
 
@@ -43,13 +43,9 @@ from dataclasses import dataclass
 
 from wafer.cost import Roofline, allreduce_cycles, gemm_cycles, gemv_cycles, roofline
 from wafer.hardware import GPU, GPU_DTYPE, MODEL_DTYPE, Wafer, dtype_bytes, positive_int
-from wafer.shape import CODELLAMA_34B, LLAMA2_13B, LLAMA3_8B, QWEN2_72B, SHAPES, Shape
+from wafer.shape import Shape
 from wafer.streaming import SWARMX_LEVEL_S
 from wafer.target import Target
-
-__all__ = ["CODELLAMA_34B", "LLAMA2_13B", "LLAMA3_8B", "QWEN2_72B", "SHAPES", "Shape",  # re-exported
-           "Decode", "GpuRoofline", "Layout", "Prefill", "decode", "gpu_decode", "gpu_prefill", "layout",
-           "min_wafers", "prefill"]
 
 
 @dataclass
