@@ -57,6 +57,10 @@ def lab(tmp_path_factory):
         yield server
 
 
+# The waits below are patience, not timing asserts: a redraw takes a second on a quiet machine and
+# can take tens of seconds on a loaded 2-core one, so each waits generously before it fails.
+
+
 def slider(page, name):
     return page.locator(".jp-OutputArea .widget-hslider", has=page.locator(".widget-label", has_text=name))
 
@@ -68,14 +72,14 @@ def move(page, name):
     s.locator(".noUi-handle").first.press("ArrowLeft" if before > 0 else "ArrowRight")
     page.wait_for_function(
         "([el, v]) => el.querySelector('.widget-readout').innerText.trim() !== String(v)",
-        arg=[s.element_handle(), before], timeout=10_000)
+        arg=[s.element_handle(), before], timeout=60_000)
     return before, int(s.locator(".widget-readout").inner_text())
 
 
 def wait_for_new_image(page, old_src):
     page.wait_for_function("(old) => { const i = document.querySelector('.jp-OutputArea img.widget-image');"
                            " return i && i.src !== old && i.complete && i.naturalWidth > 0; }",
-                           arg=old_src, timeout=30_000)
+                           arg=old_src, timeout=120_000)
 
 
 def accept_dialogs(page):
