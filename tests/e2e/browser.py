@@ -119,7 +119,7 @@ def open_and_run(page, base, token, notebook, ready):
     page.goto(f"{base}/lab/tree/notebooks/{notebook}?token={token}")
     page.wait_for_selector("text=Kernel status: Idle", state="attached", timeout=120_000)
     run_all(page)
-    page.wait_for_selector(ready, timeout=240_000)
+    page.wait_for_selector(ready, timeout=600_000)  # the whole chapter runs first
     news = page.get_by_role("button", name="No", exact=True)  # JupyterLab's news prompt
     if news.count():
         news.first.click()
