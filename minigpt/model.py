@@ -7,6 +7,7 @@ Built in: 03_gpt
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -151,8 +152,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying: one matrix, two uses
         self.apply(self._init_weights)
-        # GPT-2: each residual projection adds to the stream once per layer per sublayer, so its
-        # weights start smaller by 1/sqrt(2 n_layer) to keep the stream's variance from growing.
+        # GPT-2: 2 n_layer residual projections add to the stream, so their weights start smaller by
+        # 1/sqrt(2 n_layer): what the blocks add to the stream's variance then does not grow with depth.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -233,7 +234,11 @@ class GPT(nn.Module):
     # -- accounting ----------------------------------------------------------------------------------
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameters in the module (the tied head counted once); ``non_embedding`` leaves out the
-        token and position embeddings, as scaling-law papers count N."""
+        token and position embeddings, as Kaplan et al. (2020, arXiv:2001.08361) count N. Hoffmann et
+        al. (2022, arXiv:2203.15556, "Chinchilla") count every parameter, and so does chapter 06.
+
+        Built in: 03_gpt
+        """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
@@ -284,24 +289,44 @@ class GPT(nn.Module):
         return hf.eval()
 
     @classmethod
-    def from_pretrained(cls, name: str = "gpt2") -> GPT:
-        """Load OpenAI's GPT-2 weights (``gpt2``, ``gpt2-medium``, ...) through ``transformers``.
-
-        Works when ``transformers`` can reach the Hugging Face hub or finds the weights in its cache;
-        otherwise raises a RuntimeError that says so. Nothing else in the book downloads weights.
+    def from_pretrained(cls, name_or_path: str | os.PathLike = "gpt2") -> GPT:
+        """GPT-2 weights from this machine's disk, never from the network: ``name_or_path`` is a
+        directory written by ``save_pretrained``, or a Hugging Face model name (``gpt2``,
+        ``gpt2-medium``, ...) whose weights are in the local Hugging Face cache. Loaded through
+        ``transformers`` with ``local_files_only=True``; when they are not there, a FileNotFoundError
+        names what is missing and how to fetch it on a machine with internet access.
 
         Built in: 03_gpt
         """
         try:
             from transformers import GPT2LMHeadModel
         except ImportError:
-            raise RuntimeError("GPT.from_pretrained needs the transformers package") from None
+            raise ImportError("GPT.from_pretrained needs the transformers package") from None
+        text = os.path.expanduser(os.fspath(name_or_path))
+        # a path, or a model name ("name" or "owner/name": no leading / . ~ and one / at most)
+        is_path = (isinstance(name_or_path, os.PathLike) or os.path.isdir(text)
+                   or text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text)
+        if is_path and not os.path.isdir(text):
+            raise FileNotFoundError(f"no directory {text!r}: pass a directory written by save_pretrained")
         try:
-            hf = GPT2LMHeadModel.from_pretrained(name)
-        except (OSError, ValueError) as e:
-            raise RuntimeError(f"could not load {name!r} with transformers: neither the Hugging Face hub "
-                               f"nor its local cache has it ({type(e).__name__}: {str(e)[:200]})") from None
+            hf = GPT2LMHeadModel.from_pretrained(text, local_files_only=True)
+        except (OSError, ValueError) as e:  # transformers: files missing, or not a valid model name
+            raise FileNotFoundError(_missing_weights(text, is_path, e)) from None
         return cls.from_hf(hf)
+
+
+def _missing_weights(name_or_path: str, is_path: bool, error: Exception) -> str:
+    """What from_pretrained could not find, and how to get it without downloading at run time."""
+    if is_path:
+        return (f"{name_or_path!r} holds no GPT-2 model (a save_pretrained directory has config.json and "
+                f"model.safetensors): {type(error).__name__}: {str(error)[:200]}")
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return (f"{name_or_path!r} is not in the local Hugging Face cache ({HF_HUB_CACHE}), and minigpt never "
+            f"downloads. On a machine with internet access run `python -c \"from transformers import "
+            f"GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('{name_or_path}')\"`, then copy that "
+            f"machine's Hugging Face cache here (or point HF_HOME at it); or pass a directory written by "
+            f"GPT2LMHeadModel.save_pretrained")
 
 
 # Hugging Face's GPT-2 uses Conv1D layers, whose weight is (in, out): the transpose of nn.Linear's.

@@ -131,11 +131,29 @@ def test_loss_ignores_minus_100():
     torch.testing.assert_close(loss, expected)
 
 
-def test_from_pretrained_without_the_hub_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(RuntimeError, match="could not load 'gpt2'"):
-        GPT.from_pretrained("gpt2")
+def test_from_pretrained_loads_a_save_pretrained_directory(tmp_path):
+    hf = random_hf(2, 4, 64, 64, 300, seed=3)
+    hf.save_pretrained(tmp_path)
+    x = torch.randint(0, 300, (2, 64))
+    with torch.no_grad():
+        reference = hf(x).logits
+        for where in (tmp_path, str(tmp_path)):  # a Path or its string
+            ours = GPT.from_pretrained(where).eval()
+            torch.testing.assert_close(ours(x)[0], reference, atol=1e-5, rtol=1e-5)
+    assert ours.config.n_layer == 2 and ours.config.vocab_size == 300
+
+
+def test_from_pretrained_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no directory .*save_pretrained"):
+        GPT.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no GPT-2 model .*config.json"):
+        GPT.from_pretrained(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="holds no GPT-2 model"):
+        GPT.from_pretrained(str(tmp_path / "empty"))
+    # a model name that no cache holds: the error says how to fetch it offline, and nothing is downloaded
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache.*from_pretrained"):
+        GPT.from_pretrained("minigpt-tests/no-such-model")
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.0, True, "4", None])
