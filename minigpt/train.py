@@ -201,9 +201,9 @@ def token_losses(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return losses.cpu()
 
 
-def sequence_nats(model: GPT, sequences, batch_size: int = 32) -> torch.Tensor:
-    """The loss of each whole sequence of token ids, in nats: the sum over t >= 1 of
-    ``-log q(s[t] | s[:t])`` (the first token is context only), as a float64 tensor.
+def sequence_nats(model: GPT, sequences, scored=None, batch_size: int = 32) -> torch.Tensor:
+    """The loss in nats of the last ``scored[i]`` tokens of each sequence of token ids (default: every
+    token after the first), each predicted from all the tokens before it, as a float64 tensor.
 
     Sequences of up to ``block_size + 1`` tokens are batched by length and padded on the right; under
     causal attention the padding cannot change the predictions before it, and it is not scored.
@@ -212,11 +212,14 @@ def sequence_nats(model: GPT, sequences, batch_size: int = 32) -> torch.Tensor:
     """
     positive_int("batch_size", batch_size)
     seqs = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
+    counts = [s.numel() - 1 for s in seqs] if scored is None else [int(n) for n in scored]
     block = model.config.block_size
-    for i, s in enumerate(seqs):
-        if s.dim() != 1 or not 2 <= len(s) <= block + 1:
-            raise ValueError(f"sequence {i} has shape {tuple(s.shape)}: each must be 1-D with 2 to "
-                             f"block_size + 1 = {block + 1} tokens")
+    if len(counts) != len(seqs):
+        raise ValueError(f"{len(counts)} scored counts for {len(seqs)} sequences")
+    for i, (s, n) in enumerate(zip(seqs, counts)):
+        if s.dim() != 1 or not 2 <= len(s) <= block + 1 or not 1 <= n < len(s):
+            raise ValueError(f"sequence {i} has shape {tuple(s.shape)} and {n} scored tokens: each must be "
+                             f"1-D with 2 to block_size + 1 = {block + 1} tokens, scoring 1 to all but one")
     out = torch.zeros(len(seqs), dtype=torch.float64)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     for start in range(0, len(order), batch_size):
@@ -225,7 +228,8 @@ def sequence_nats(model: GPT, sequences, batch_size: int = 32) -> torch.Tensor:
         x = torch.zeros(len(rows), length, dtype=torch.long)
         y = torch.full((len(rows), length), -100, dtype=torch.long)
         for r, i in enumerate(rows):
-            x[r, : len(seqs[i]) - 1], y[r, : len(seqs[i]) - 1] = seqs[i][:-1], seqs[i][1:]
+            t = len(seqs[i]) - 1
+            x[r, :t], y[r, t - counts[i]:t] = seqs[i][:-1], seqs[i][-counts[i]:]
         out[rows] = token_losses(model, x, y).double().sum(1)
     return out
 
@@ -243,10 +247,8 @@ def ratio_estimate(numerators, denominators) -> tuple[float, float]:
         raise ValueError(f"need two or more (numerator, denominator) pairs; got {len(a)} and {len(b)}")
     if b.sum() <= 0:
         raise ValueError(f"the denominators must have a positive sum, not {b.sum().item()}")
-    ratio = (a.sum() / b.sum()).item()
-    residuals = a - ratio * b
-    n = len(a)
-    return ratio, (residuals.square().sum() / (n * (n - 1))).sqrt().item() / b.mean().item()
+    ratio, n = (a.sum() / b.sum()).item(), len(a)
+    return ratio, ((a - ratio * b).square().sum() / (n * (n - 1))).sqrt().item() / b.mean().item()
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

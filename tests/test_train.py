@@ -147,10 +147,16 @@ def test_sequence_nats_equals_one_sequence_at_a_time():
     one_by_one = [model(s[None, :-1], s[None, 1:])[1].item() * (len(s) - 1) for s in seqs]
     batched = sequence_nats(model, seqs, batch_size=2)  # sorted by length, padded on the right
     assert batched.tolist() == pytest.approx(one_by_one, rel=1e-5)
+    # scoring only the last 3 tokens: the sum of the last 3 per-token losses, context included
+    lasts = [token_losses(model, s[None, :-1], s[None, 1:])[0, -3:].sum().item() for s in seqs if len(s) > 3]
+    scored = sequence_nats(model, [s for s in seqs if len(s) > 3], scored=[3] * len(lasts))
+    assert scored.tolist() == pytest.approx(lasts, rel=1e-5)
     with pytest.raises(ValueError, match="sequence 1 has shape"):
         sequence_nats(model, [IDS[:5], IDS[:18]])  # 18 tokens > block_size + 1 = 17
     with pytest.raises(ValueError, match="sequence 0 has shape"):
         sequence_nats(model, [IDS[:1]])
+    with pytest.raises(ValueError, match="scoring 1 to all but one"):
+        sequence_nats(model, [IDS[:5]], scored=[5])
 
 
 def test_ratio_estimate_reduces_to_the_mean_and_agrees_with_a_bootstrap():
