@@ -28,6 +28,7 @@ from minigpt.stories import (  # noqa: F401  (the story world is part of minigpt
     generate_story,
     parse,
     questions,
+    sentences_parsed,
     story_corpus,
 )
 

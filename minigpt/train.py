@@ -1,5 +1,6 @@
 """Pretraining: random windows, AdamW, warmup + cosine, clipping, accumulation, evaluation,
-checkpoints that resume exactly (and loading a model and its tokenizer from one), progress, and MFU.
+checkpoints that resume exactly (and loading a model and its tokenizer from one), progress, and MFU;
+and the loss of each token and of whole sequences, with a ratio's standard error.
 
 Built in: 04_pretraining
 """
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -178,6 +180,75 @@ def measure_matmul_peak(device: torch.device, dtype=torch.float32, n: int = 1024
         if device.type == "cuda":
             torch.cuda.synchronize()
     return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def token_losses(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``-log q(y[b, t] | x[b, :t+1])`` in nats for every position, as a (B, T) tensor on the CPU
+    (float32); 0 where ``y`` is -100. The model is run in eval mode (no dropout).
+
+    Built in: 04_pretraining
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.lm_head.weight.device
+        logits, _ = model(x.to(device))
+        losses = F.cross_entropy(logits.float().transpose(1, 2), y.to(device), ignore_index=-100,
+                                 reduction="none")
+    finally:
+        model.train(was_training)
+    return losses.cpu()
+
+
+def sequence_nats(model: GPT, sequences, scored=None, batch_size: int = 32) -> torch.Tensor:
+    """The loss in nats of the last ``scored[i]`` tokens of each sequence of token ids (default: every
+    token after the first), each predicted from all the tokens before it, as a float64 tensor.
+
+    Sequences of up to ``block_size + 1`` tokens are batched by length and padded on the right; under
+    causal attention the padding cannot change the predictions before it, and it is not scored.
+
+    Built in: 04_pretraining
+    """
+    positive_int("batch_size", batch_size)
+    seqs = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
+    counts = [s.numel() - 1 for s in seqs] if scored is None else [int(n) for n in scored]
+    block = model.config.block_size
+    if len(counts) != len(seqs):
+        raise ValueError(f"{len(counts)} scored counts for {len(seqs)} sequences")
+    for i, (s, n) in enumerate(zip(seqs, counts)):
+        if s.dim() != 1 or not 2 <= len(s) <= block + 1 or not 1 <= n < len(s):
+            raise ValueError(f"sequence {i} has shape {tuple(s.shape)} and {n} scored tokens: each must be "
+                             f"1-D with 2 to block_size + 1 = {block + 1} tokens, scoring 1 to all but one")
+    out = torch.zeros(len(seqs), dtype=torch.float64)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        length = max(len(seqs[i]) for i in rows) - 1
+        x = torch.zeros(len(rows), length, dtype=torch.long)
+        y = torch.full((len(rows), length), -100, dtype=torch.long)
+        for r, i in enumerate(rows):
+            t = len(seqs[i]) - 1
+            x[r, :t], y[r, t - counts[i]:t] = seqs[i][:-1], seqs[i][-counts[i]:]
+        out[rows] = token_losses(model, x, y).double().sum(1)
+    return out
+
+
+def ratio_estimate(numerators, denominators) -> tuple[float, float]:
+    """``sum(a) / sum(b)`` over independent pairs (a_i, b_i), and its standard error by the delta
+    method: ``sqrt(sum(r_i**2) / (n (n - 1))) / mean(b)`` with residuals ``r_i = a_i - ratio b_i``.
+    With nats and characters per story, it is the loss per character and its error bar.
+
+    Built in: 04_pretraining
+    """
+    a = torch.as_tensor(numerators, dtype=torch.float64).flatten()
+    b = torch.as_tensor(denominators, dtype=torch.float64).flatten()
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"need two or more (numerator, denominator) pairs; got {len(a)} and {len(b)}")
+    if b.sum() <= 0:
+        raise ValueError(f"the denominators must have a positive sum, not {b.sum().item()}")
+    ratio, n = (a.sum() / b.sum()).item(), len(a)
+    return ratio, ((a - ratio * b).square().sum() / (n * (n - 1))).sqrt().item() / b.mean().item()
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

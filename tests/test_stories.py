@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minigpt import stories as S
-from minigpt.data import entropy_rate, generate_stories, parse, story_corpus
+from minigpt.data import entropy_rate, generate_stories, parse, sentences_parsed, story_corpus
 from minigpt.tokenizer import BPETokenizer, CharTokenizer
 
 
@@ -87,6 +87,25 @@ def test_parse_rejects_texts_the_program_cannot_write():
     with pytest.raises(ValueError, match="not a story-world text"):
         parse("Once upon a time, there was a little girl named Mia. One day, she found a red ball "
               "under a tree. She took the ball to the park. There she saw her old friend Mia.")
+
+
+def test_sentences_parsed_counts_the_sentences_before_the_first_bad_one():
+    stories = generate_stories(200, seed=5)
+    assert all(sentences_parsed(s.text) == 6 for s in stories)
+    for k, story in enumerate(stories[:6]):  # sentence k replaced by one the program cannot write
+        sentences = story.text.split(". ")
+        sentences[k] = "It was a dark and stormy night" + ("." if k == 5 else "")
+        assert sentences_parsed(". ".join(sentences)) == k
+    story = next(s for s in stories if s.text.endswith(f"{s.facts.hero} ran home alone."))
+    other = next(n for n in ("Mia", "Tom") if n != story.facts.hero and n != story.facts.friend)
+    swapped = story.text[: story.text.rindex(story.facts.hero)] + f"{other} ran home alone."
+    assert sentences_parsed(swapped) == 5  # a last sentence that names someone else as the hero
+    assert sentences_parsed(story.text + " The end.") == 6  # six good sentences, then more text:
+    with pytest.raises(ValueError, match="unexpected text after the ending"):
+        parse(story.text + " The end.")  # ... which parse rejects
+    assert sentences_parsed("") == 0
+    with pytest.raises(ValueError, match="must be a str"):
+        sentences_parsed(None)
 
 
 def test_exact_entropy_matches_the_sample_mean():

@@ -3,6 +3,7 @@
 import os
 import pickle
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -22,6 +23,9 @@ from minigpt.train import (
     learning_rate,
     load_checkpoint,
     model_from_checkpoint,
+    ratio_estimate,
+    sequence_nats,
+    token_losses,
 )
 
 TEXT = story_corpus(300, seed=0)
@@ -125,6 +129,50 @@ def test_training_reduces_the_loss():
     before = t.evaluate()["val"]
     t.train()
     assert t.history[-1]["val"] < before - 1.0
+
+
+def test_token_losses_average_to_the_models_loss():
+    model = small_model()
+    x, y = Trainer(model, TRAIN, VAL, config()).val_data.batch(3, torch.Generator().manual_seed(0), "cpu")
+    y = y.clone()  # (x and y are views of one window)
+    y[0, :5] = -100  # ignored positions score 0 and drop out of the mean
+    losses = token_losses(model.eval(), x, y)
+    assert losses.shape == y.shape and (losses[0, :5] == 0).all()
+    assert losses[y != -100].mean().item() == pytest.approx(model(x, y)[1].item(), rel=1e-5)
+
+
+def test_sequence_nats_equals_one_sequence_at_a_time():
+    model = small_model().eval()
+    seqs = [IDS[start:start + n] for start, n in ((0, 17), (100, 2), (200, 9), (300, 17), (400, 5))]
+    one_by_one = [model(s[None, :-1], s[None, 1:])[1].item() * (len(s) - 1) for s in seqs]
+    batched = sequence_nats(model, seqs, batch_size=2)  # sorted by length, padded on the right
+    assert batched.tolist() == pytest.approx(one_by_one, rel=1e-5)
+    # scoring only the last 3 tokens: the sum of the last 3 per-token losses, context included
+    lasts = [token_losses(model, s[None, :-1], s[None, 1:])[0, -3:].sum().item() for s in seqs if len(s) > 3]
+    scored = sequence_nats(model, [s for s in seqs if len(s) > 3], scored=[3] * len(lasts))
+    assert scored.tolist() == pytest.approx(lasts, rel=1e-5)
+    with pytest.raises(ValueError, match="sequence 1 has shape"):
+        sequence_nats(model, [IDS[:5], IDS[:18]])  # 18 tokens > block_size + 1 = 17
+    with pytest.raises(ValueError, match="sequence 0 has shape"):
+        sequence_nats(model, [IDS[:1]])
+    with pytest.raises(ValueError, match="scoring 1 to all but one"):
+        sequence_nats(model, [IDS[:5]], scored=[5])
+
+
+def test_ratio_estimate_reduces_to_the_mean_and_agrees_with_a_bootstrap():
+    a = [3.0, 5.0, 4.0, 8.0, 6.0]
+    ratio, se = ratio_estimate(a, [2.0] * 5)  # equal denominators: the mean and its standard error
+    assert ratio == pytest.approx(statistics.mean(a) / 2)
+    assert se == pytest.approx(statistics.stdev(a) / len(a) ** 0.5 / 2)
+    g = torch.Generator().manual_seed(0)
+    b = 200 + 50 * torch.rand(300, generator=g, dtype=torch.float64)
+    a2 = 0.1 * b + torch.randn(300, generator=g, dtype=torch.float64) * 5
+    ratio, se = ratio_estimate(a2, b)
+    picks = torch.randint(300, (4000, 300), generator=g)
+    boot = a2[picks].sum(1) / b[picks].sum(1)
+    assert se == pytest.approx(boot.std().item(), rel=0.1)  # bootstrap's own noise is ~1%
+    with pytest.raises(ValueError, match="two or more"):
+        ratio_estimate([1.0], [1.0])
 
 
 def run_cli(*args, timeout: float = 120, **kw):
