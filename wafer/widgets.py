@@ -33,8 +33,9 @@ def explorer_models() -> dict:
     from minigpt.model import GPTConfig
     from minigpt.scaling import CEREBRAS_GPT
 
-    out = {"minigpt (chapter 04)": (GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=65),
-                                    256),
+    # chapter 04's story-world model: 2 blocks 128 wide, a 384-character context, 51 symbols
+    out = {"minigpt (chapter 04)": (GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=384, vocab_size=51),
+                                    384),
            "GPT-2 small": (GPTConfig(block_size=2048), 2048)}
     for m in CEREBRAS_GPT:
         if m.name in ("111M", "256M", "590M"):
