@@ -26,7 +26,7 @@ lab: $(STAMP)
 # The tests and notebooks run in JOBS processes (pytest-xdist; one notebook's cells stay together in
 # one process), each PyTorch process with cores / JOBS threads: more threads than cores make each of
 # PyTorch's parallel operations wait for a thread whose core is taken. The browser tests then run
-# alone, since their waits for a redrawn widget are not meant for a loaded machine.
+# after them, as their own set, under the same thread rule: each one runs a chapter in JupyterLab.
 JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 THREADS ?= $(shell n=$$(( $$(nproc 2>/dev/null || echo 1) / $(JOBS) )); echo $$(( n > 0 ? n : 1 )))
 PARALLEL := $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadscope)
@@ -36,7 +36,7 @@ test: $(STAMP)
 	$(VENV)/bin/mypy
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(THREADS)} $(PY) -m pytest tests notebooks $(NBVAL) $(PARALLEL) \
 	    --ignore=tests/e2e -p no:cacheprovider
-	$(PY) -m pytest tests/e2e -p no:cacheprovider
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(THREADS)} $(PY) -m pytest tests/e2e $(PARALLEL) -p no:cacheprovider
 
 unit: $(STAMP)
 	$(PY) -m pytest tests -p no:cacheprovider
