@@ -30,13 +30,14 @@ lab: $(STAMP)
 JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 THREADS ?= $(shell n=$$(( $$(nproc 2>/dev/null || echo 1) / $(JOBS) )); echo $$(( n > 0 ? n : 1 )))
 PARALLEL := $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadscope)
+THREAD_ENV := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(THREADS)}
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check minigpt wafer tests bench scripts
 	$(VENV)/bin/mypy
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(THREADS)} $(PY) -m pytest tests notebooks $(NBVAL) $(PARALLEL) \
+	$(THREAD_ENV) $(PY) -m pytest tests notebooks $(NBVAL) $(PARALLEL) \
 	    --ignore=tests/e2e -p no:cacheprovider
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(THREADS)} $(PY) -m pytest tests/e2e $(PARALLEL) -p no:cacheprovider
+	$(THREAD_ENV) $(PY) -m pytest tests/e2e $(PARALLEL) -p no:cacheprovider
 
 unit: $(STAMP)
 	$(PY) -m pytest tests -p no:cacheprovider
