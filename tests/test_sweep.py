@@ -1,0 +1,106 @@
+"""Stacked training: many same-shaped GPTs as one computation, each member equal to its own Trainer run."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from minigpt.model import GPT, GPTConfig
+from minigpt.sweep import stack_parameters, stacked_loss, train_members, train_stacked
+from minigpt.train import TrainConfig, Trainer
+
+VOCAB = 30
+IDS = torch.randint(0, VOCAB, (4000,), generator=torch.Generator().manual_seed(0))
+QUIET = dict(batch_size=4, eval_interval=10**6, eval_batches=1, checkpoint_interval=0, progress=False,
+             device="cpu")
+
+
+def members(config, seeds):
+    out = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        out.append(GPT(config))
+    return out
+
+
+@pytest.mark.parametrize("config", [
+    GPTConfig(n_layer=2, n_head=4, n_embd=16, block_size=12, vocab_size=VOCAB),
+    GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=12, vocab_size=VOCAB, bias=False),
+    GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=12, vocab_size=VOCAB, mup_base_width=8,
+              mup_input_mult=2.0, mup_output_mult=0.5),
+])
+def test_stacked_loss_is_each_models_own_loss(config):
+    models = members(config, [0, 1, 2])
+    x = torch.randint(0, VOCAB, (3, 5, 12))
+    y = torch.randint(0, VOCAB, (3, 5, 12))
+    with torch.no_grad():
+        stacked = stacked_loss(config, stack_parameters(models), x, y)
+        alone = torch.stack([m(x[i], y[i])[1] for i, m in enumerate(models)])
+    # float32 sums in another order: agreement to rounding, far below any difference between members
+    torch.testing.assert_close(stacked, alone, rtol=1e-5, atol=1e-6)
+    assert (alone.max() - alone.min()) > 1e-3
+
+
+def test_each_member_is_its_own_trainer_run():
+    """Different rates, schedules, lengths, clips, decays, betas, data seeds and initial weights, under
+    muP (so that the per-matrix factors on the rate are exercised too)."""
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=VOCAB, mup_base_width=16)
+    configs = [
+        TrainConfig(max_steps=30, lr=3e-3, min_lr=3e-4, warmup_steps=3, seed=0, grad_clip=0.0,
+                    weight_decay=0.0, **QUIET),
+        TrainConfig(max_steps=20, lr=1e-2, min_lr=1e-3, warmup_steps=5, seed=1, grad_clip=0.05,
+                    weight_decay=0.1, **QUIET),  # a clip that binds on every step, and stops early
+        TrainConfig(max_steps=30, lr=5e-3, min_lr=5e-4, warmup_steps=2, seed=2, grad_clip=1.0,
+                    weight_decay=0.1, beta2=0.95, **QUIET),
+    ]
+    seeds = [0, 5, 7]
+    stacked = train_members(config, IDS, configs, seeds)
+    for settings, seed, member in zip(configs, seeds, stacked):
+        torch.manual_seed(seed)
+        alone = GPT(config)
+        start = [p.detach().clone() for p in alone.parameters()]
+        Trainer(alone, IDS, IDS, settings).train()
+        moved = max((p - s).abs().max().item() for p, s in zip(alone.parameters(), start))
+        gap = max((p - q).abs().max().item() for p, q in zip(alone.parameters(), member.parameters()))
+        # 20-30 Adam steps move weights by ~1e-2; float32 rounding in another order leaves ~1e-6
+        assert moved > 1e-2 and gap < 1e-4, (moved, gap)
+
+
+def test_a_finished_member_stops_changing():
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=VOCAB)
+    short = TrainConfig(max_steps=5, lr=1e-2, min_lr=1e-3, warmup_steps=1, seed=0, **QUIET)
+    long = replace(short, max_steps=40)
+    a, b = members(config, [0, 0]), members(config, [0, 0])
+    train_stacked(a, IDS, [short, short])
+    train_stacked(b, IDS, [short, long])
+    for p, q in zip(a[0].parameters(), b[0].parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert any((p - q).abs().max() > 1e-3 for p, q in zip(a[1].parameters(), b[1].parameters()))
+
+
+def test_history_records_every_members_loss():
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=VOCAB)
+    settings = TrainConfig(max_steps=6, lr=1e-2, min_lr=1e-3, warmup_steps=1, seed=0, **QUIET)
+    history = train_stacked(members(config, [0, 1]), IDS, [replace(settings, max_steps=4), settings],
+                            record_every=3)
+    assert [(h["step"], h["member"]) for h in history] == [(3, 0), (3, 1), (6, 1)]
+    assert all(0 < h["loss"] < 10 and h["grad_norm"] > 0 for h in history)
+
+
+def test_bad_input_is_named():
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=VOCAB)
+    settings = TrainConfig(max_steps=2, lr=1e-2, min_lr=1e-3, **QUIET)
+    with pytest.raises(ValueError, match="same batch_size"):
+        train_stacked(members(config, [0, 1]), IDS, [settings, replace(settings, batch_size=8)])
+    with pytest.raises(ValueError, match="2 training configs for 1 models"):
+        train_stacked(members(config, [0]), IDS, [settings, settings])
+    with pytest.raises(ValueError, match="grad_accum=1"):
+        train_stacked(members(config, [0]), IDS, [replace(settings, grad_accum=2)])
+    with pytest.raises(ValueError, match="same GPTConfig"):
+        stack_parameters([GPT(config), GPT(replace(config, n_embd=16))])
+    with pytest.raises(ValueError, match="dropout=0.1"):
+        stack_parameters([GPT(replace(config, dropout=0.1))])
+    with pytest.raises(ValueError, match="1 initial seeds for 2"):
+        train_members(config, IDS, [settings, settings], [0])
+    with pytest.raises(ValueError, match="at least one model"):
+        stack_parameters([])
