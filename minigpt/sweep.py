@@ -133,17 +133,19 @@ def train_stacked(models: list[GPT], train_ids: torch.Tensor, configs: list[Trai
     sizes = [stacked[name][0].numel() for name in names]
     flat = torch.cat([stacked[name].detach().flatten(1) for name in names], dim=1).requires_grad_()
     scales = models[0].lr_multipliers()  # name -> factor on the learning rate (muP), as the Trainer's groups
-    column_scale = torch.cat([torch.full((n,), scales.get(name, 1.0)) for name, n in zip(names, sizes)])
-    # weight decay on matrices and embeddings only, as parameter_groups does
-    column_decays = torch.cat([torch.full((n,), float(stacked[name].dim() >= 3))
-                               for name, n in zip(names, sizes)])
+    def columns(value_of):  # one number per parameter name, repeated over that parameter's columns
+        return torch.cat([torch.full((n,), value_of(name), dtype=flat.dtype, device=flat.device)
+                          for name, n in zip(names, sizes)])
+
+    column_scale = columns(lambda name: scales.get(name, 1.0))
+    column_decays = columns(lambda name: float(stacked[name].dim() >= 3))  # matrices and embeddings decay
     shapes = [stacked[name].shape for name in names]
     data = TokenWindows(train_ids, config.block_size, "the training split")
     generators = [torch.Generator().manual_seed(c.seed) for c in configs]
     m, v = torch.zeros_like(flat), torch.zeros_like(flat)
 
     def column(values):  # one number per member, as a (K, 1) column
-        return torch.tensor(values, dtype=flat.dtype)[:, None]
+        return torch.tensor(values, dtype=flat.dtype, device=flat.device)[:, None]
 
     beta1, beta2 = column([c.beta1 for c in configs]), column([c.beta2 for c in configs])
     clip, decay = column([c.grad_clip for c in configs]), column([c.weight_decay for c in configs])
