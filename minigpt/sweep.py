@@ -1,10 +1,11 @@
 """Many GPTs of one shape trained at once: each weight stacked along a leading "member" dimension, the
 forward pass written with batched matrix products, and AdamW written out with a learning rate, a
-schedule, a weight decay, a clip and a length for each member. A learning-rate sweep over seven rates
-and three seeds is then one run of 21 members instead of 21 runs.
+schedule, a weight decay, a clip and a length for each member. A learning-rate sweep over eight rates
+and three seeds is then one run of 24 members instead of 24 runs.
 
 Each member is the run that :class:`minigpt.train.Trainer` would make alone from the same initial
-weights, data seed and settings (equal within float32 rounding; ``tests/test_sweep.py`` checks it).
+weights, data seed and settings (equal to rounding; ``tests/test_sweep.py`` checks it in float32 and
+float64).
 
 Built in: 06_scaling
 """
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.model import GPT, GPTConfig
-from minigpt.train import TokenWindows, TrainConfig, learning_rate
+from minigpt.train import TokenWindows, TrainConfig, learning_rate, parameter_groups
 
 
 def _names(config: GPTConfig) -> set[str]:
@@ -44,12 +45,12 @@ def stack_parameters(models: list[GPT]) -> dict[str, torch.Tensor]:
         raise ValueError("every member must have the same GPTConfig")
     if config.dropout != 0.0:
         raise ValueError(f"dropout={config.dropout}: the stacked models support dropout=0.0 only")
-    names = [name for name, _ in models[0].named_parameters()]
-    if set(names) != _names(config):
-        unknown = sorted(set(names) ^ _names(config))
+    per_model = [dict(m.named_parameters()) for m in models]
+    if set(per_model[0]) != _names(config):
+        unknown = sorted(set(per_model[0]) ^ _names(config))
         raise ValueError(f"the stacked forward pass does not know the parameters {unknown}")
-    return {name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).requires_grad_()
-            for name in names}
+    return {name: torch.stack([params[name].detach() for params in per_model]).requires_grad_()
+            for name in per_model[0]}
 
 
 def _linear(x: torch.Tensor, p: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -132,13 +133,15 @@ def train_stacked(models: list[GPT], train_ids: torch.Tensor, configs: list[Trai
     names = list(stacked)
     sizes = [stacked[name][0].numel() for name in names]
     flat = torch.cat([stacked[name].detach().flatten(1) for name in names], dim=1).requires_grad_()
-    scales = models[0].lr_multipliers()  # name -> factor on the learning rate (muP), as the Trainer's groups
-    def columns(value_of):  # one number per parameter name, repeated over that parameter's columns
-        return torch.cat([torch.full((n,), value_of(name), dtype=flat.dtype, device=flat.device)
-                          for name, n in zip(names, sizes)])
+    # each parameter's factor on the rate (muP) and whether it decays, from the Trainer's own groups
+    group_of = {id(p): group for group in parameter_groups(models[0], 1.0) for p in group["params"]}
+    groups = [group_of[id(p)] for p in dict(models[0].named_parameters()).values()]
 
-    column_scale = columns(lambda name: scales.get(name, 1.0))
-    column_decays = columns(lambda name: float(stacked[name].dim() >= 3))  # matrices and embeddings decay
+    def columns(key):  # one number per parameter, repeated over that parameter's columns
+        return torch.cat([torch.full((n,), group[key], dtype=flat.dtype, device=flat.device)
+                          for group, n in zip(groups, sizes)])
+
+    column_scale, column_decays = columns("lr_scale"), columns("weight_decay")
     shapes = [stacked[name].shape for name in names]
     data = TokenWindows(train_ids, config.block_size, "the training split")
     generators = [torch.Generator().manual_seed(c.seed) for c in configs]
