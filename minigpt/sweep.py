@@ -4,7 +4,8 @@ schedule, a weight decay, a clip and a length for each member. A learning-rate s
 and three seeds is then one run of 24 members instead of 24 runs.
 
 Each member is the run that :class:`minigpt.train.Trainer` would make alone from the same initial
-weights, data seed and settings (equal to rounding; ``tests/test_sweep.py`` checks it in float32 and
+weights, data seed and settings, with ``bf16="off"``: members compute in their models' own dtype,
+without autocast (equal to rounding; ``tests/test_sweep.py`` checks it in float32 and
 float64).
 
 Built in: 06_scaling
@@ -126,6 +127,9 @@ def train_stacked(models: list[GPT], train_ids: torch.Tensor, configs: list[Trai
         raise ValueError(f"every member needs the same batch_size; got {seen}")
     if any(c.grad_accum != 1 for c in configs):
         raise ValueError("train_stacked supports grad_accum=1 only")
+    if any(c.bf16 == "on" for c in configs):
+        raise ValueError("train_stacked computes in the models' own dtype, without autocast: "
+                         "bf16='on' is not supported (use 'off')")
     config = models[0].config
     stacked = stack_parameters(models)
     # one (K, P) tensor holds every member's parameters as a row, and each named parameter is a view

@@ -8,6 +8,7 @@ Built in: 04_pretraining
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
 import math
@@ -52,7 +53,7 @@ class TrainConfig:
     checkpoint_interval: int = 500  # 0: only at the end (and on Ctrl-C)
     seed: int = 1337
     device: str = "auto"  # "auto", "cpu", "cuda", "mps"
-    bf16: str = "auto"  # "auto" (on CUDA with bf16 support), "on", "off"
+    bf16: str = "auto"  # "auto": where the hardware multiplies bf16 natively (bf16_native); "on"; "off"
     compile: bool = False
     progress: bool = True
 
@@ -104,6 +105,46 @@ class TokenWindows:
         offsets = torch.arange(self.block_size + 1)
         windows = self.ids[starts[:, None] + offsets]  # (B, T + 1)
         return windows[:, :-1].to(device), windows[:, 1:].to(device)
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware, as torch detects it at run time: a CUDA
+    GPU that supports bf16, or an x86 CPU with AVX512-BF16 or AMX dot-product instructions. Elsewhere
+    (other CPUs, MPS) bf16 would be emulated, slower than float32, so ``bf16="auto"`` leaves it off.
+
+    Built in: 04_pretraining
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # torch's own CPU feature checks (cpuinfo), not a guess from the model name
+        return any(getattr(torch.cpu, check, lambda: False)()
+                   for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+_ALLOCATOR_TUNED = False
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's allocator to keep large freed blocks for reuse instead of handing them back to the
+    operating system. By default glibc serves each block above its mmap threshold (128 KiB, growing to
+    at most 32 MiB) with fresh pages from the kernel and returns them on free, so a training step,
+    which allocates and frees the same activation-sized buffers every step, takes a page fault on
+    every page of them every step. With both thresholds raised the pages stay in the process: its
+    resident memory stays at its peak instead of falling back between steps. Called once by the
+    ``Trainer`` on the CPU; returns whether the allocator accepted it (False off glibc: macOS, musl).
+
+    Built in: 04_pretraining
+    """
+    global _ALLOCATOR_TUNED
+    if not _ALLOCATOR_TUNED:
+        try:
+            mallopt = ctypes.CDLL("libc.so.6").mallopt
+        except (OSError, AttributeError):
+            return False
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        _ALLOCATOR_TUNED = bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 2**31 - 1))
+    return _ALLOCATOR_TUNED
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -314,8 +355,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             parameter_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2),
             fused=self.device.type == "cuda")
-        self.use_bf16 = (config.bf16 == "on" or (config.bf16 == "auto" and self.device.type == "cuda"
-                                                 and torch.cuda.is_bf16_supported()))
+        self.use_bf16 = config.bf16 == "on" or (config.bf16 == "auto" and bf16_native(self.device))
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.step = 0
         self.tokens = 0  # input tokens processed by all processes together (for tokens/s)
         self.history: list[dict] = []

@@ -11,8 +11,8 @@ from minigpt.train import TrainConfig, Trainer
 
 VOCAB = 30
 IDS = torch.randint(0, VOCAB, (4000,), generator=torch.Generator().manual_seed(0))
-QUIET = dict(batch_size=4, eval_interval=10**6, eval_batches=1, checkpoint_interval=0, progress=False,
-             device="cpu")
+QUIET = dict(bf16="off", batch_size=4, eval_interval=10**6, eval_batches=1, checkpoint_interval=0,
+             progress=False, device="cpu")
 
 
 def members(config, seeds):
@@ -96,6 +96,8 @@ def test_bad_input_is_named():
         train_stacked(members(config, [0]), IDS, [settings, settings])
     with pytest.raises(ValueError, match="grad_accum=1"):
         train_stacked(members(config, [0]), IDS, [replace(settings, grad_accum=2)])
+    with pytest.raises(ValueError, match="bf16='on' is not supported"):
+        train_stacked(members(config, [0]), IDS, [replace(settings, bf16="on")])
     with pytest.raises(ValueError, match="same GPTConfig"):
         stack_parameters([GPT(config), GPT(replace(config, n_embd=16))])
     with pytest.raises(ValueError, match="dropout=0.1"):
