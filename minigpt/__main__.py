@@ -36,7 +36,7 @@ CLI_SHAPE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64}
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")  # GPTConfig fields
 # TrainConfig fields that are the run's settings: a resumed run keeps the checkpoint's unless given
 RUN_FLAGS = ("max_steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay",
-             "grad_clip", "eval_interval", "eval_batches", "checkpoint_interval", "seed")
+             "grad_clip", "eval_interval", "eval_batches", "checkpoint_interval", "seed", "bf16")
 DATA_FLAGS = ("data", "stories", "val_fraction", "tokenizer", "vocab_size")  # saved in the checkpoint
 
 
@@ -107,6 +107,8 @@ def build_parser(bare: bool = False) -> argparse.ArgumentParser:
     for name in ("eval_interval", "eval_batches", "checkpoint_interval", "seed"):
         run.add_argument("--" + name.replace("_", "-"), type=int, default=train_default[name])
     run.add_argument("--device", default=train_default["device"], choices=["auto", "cpu", "cuda", "mps"])
+    run.add_argument("--bf16", default=train_default["bf16"], choices=["auto", "on", "off"],
+                     help="bf16 autocast: auto = where the hardware multiplies bf16 natively")
     run.add_argument("--compile", action="store_true", default=default(False), help="torch.compile the model")
     run.add_argument("--no-progress", action="store_true", default=default(False), help="no progress bar")
 

@@ -8,7 +8,6 @@ Built in: 04_pretraining
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import json
 import math
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 from minigpt.checks import positive_int
 from minigpt.distributed import mean_over_ranks, rank_and_world
 from minigpt.files import atomic_write, load_tensors
+from minigpt.hardware import bf16_native, keep_freed_memory, measure_matmul_peak, pick_device
 from minigpt.model import GPT, GPTConfig, flops_per_token
 from minigpt.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
@@ -107,60 +107,6 @@ class TokenWindows:
         return windows[:, :-1].to(device), windows[:, 1:].to(device)
 
 
-def bf16_native(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 matrices in hardware, as torch detects it at run time: a CUDA
-    GPU that supports bf16, or an x86 CPU with AVX512-BF16 or AMX dot-product instructions. Elsewhere
-    (other CPUs, MPS) bf16 would be emulated, slower than float32, so ``bf16="auto"`` leaves it off.
-
-    Built in: 04_pretraining
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":  # torch's own CPU feature checks (cpuinfo), not a guess from the model name
-        return any(getattr(torch.cpu, check, lambda: False)()
-                   for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return False
-
-
-_ALLOCATOR_TUNED = False
-
-
-def keep_freed_memory() -> bool:
-    """Tell glibc's allocator to keep large freed blocks for reuse instead of handing them back to the
-    operating system. By default glibc serves each block above its mmap threshold (128 KiB, growing to
-    at most 32 MiB) with fresh pages from the kernel and returns them on free, so a training step,
-    which allocates and frees the same activation-sized buffers every step, takes a page fault on
-    every page of them every step. With both thresholds raised the pages stay in the process: its
-    resident memory stays at its peak instead of falling back between steps. Called once by the
-    ``Trainer`` on the CPU; returns whether the allocator accepted it (False off glibc: macOS, musl).
-
-    Built in: 04_pretraining
-    """
-    global _ALLOCATOR_TUNED
-    if not _ALLOCATOR_TUNED:
-        try:
-            mallopt = ctypes.CDLL("libc.so.6").mallopt
-        except (OSError, AttributeError):
-            return False
-        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        _ALLOCATOR_TUNED = bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 2**31 - 1))
-    return _ALLOCATOR_TUNED
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA, else Apple's MPS, else the CPU. Under a process group, CUDA means the GPU that
-    :func:`minigpt.distributed.start` chose for this process."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no CUDA device: use 'cpu' or 'auto'")
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", torch.cuda.current_device())
-    if name == "auto":
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
 def tokenizer_to_dict(tokenizer: Tokenizer) -> dict:
     """The tokenizer as plain data for a checkpoint: its kind and its :meth:`to_text`.
 
@@ -203,24 +149,6 @@ def model_from_checkpoint(path: str | Path, device="cpu") -> tuple[GPT, Tokenize
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), tokenizer_from_dict(ckpt["tokenizer"])
-
-
-def measure_matmul_peak(device: torch.device, dtype=torch.float32, n: int = 1024,
-                        seconds: float = 0.5) -> float:
-    """FLOP/s of square matrix products on ``device``: the denominator of MFU, measured, not quoted."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return 2 * n**3 * count / (time.perf_counter() - start)
 
 
 @torch.no_grad()

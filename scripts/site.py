@@ -18,8 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 STAGE = ROOT / "build" / "site"
 MODULES = {"minigpt": ["envcheck", "stories", "entropy", "data", "files", "checks", "tokenizer", "attention",
-                       "model", "generate", "train", "finetune", "lora", "distributed", "scaling", "sweep",
-                       "widgets"],
+                       "model", "generate", "hardware", "train", "finetune", "lora", "distributed", "scaling",
+                       "sweep", "widgets"],
            "wafer": ["hardware", "target", "shape", "workload", "stages", "cost", "mesh", "collectives",
                      "viz", "placement", "strategies", "optimize", "placement_sim", "streaming", "inference",
                      "emulate", "widgets"]}

@@ -53,7 +53,7 @@ def test_a_failing_rank_ends_the_job_with_its_error():
 def cli_train(*args):
     return ["-m", "minigpt", "train", "--stories", "300", "--n-layer", "1", "--n-embd", "32",
             "--block-size", "32", "--warmup", "5", "--eval-interval", "10", "--eval-batches", "2",
-            "--no-progress", "--device", "cpu", *args]
+            "--no-progress", "--device", "cpu", "--bf16", "off", *args]
 
 
 def history(path):

@@ -352,7 +352,8 @@ def test_the_command_lines_defaults_are_the_dataclasses_defaults():
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     names = (*RUN_FLAGS, "device", "compile")
     assert {k: args[k] for k in names} == {k: defaults[k] for k in names}
-    assert len(RUN_FLAGS) == 12 and args["max_steps"] == 2000 and args["lr"] == 1e-3
+    assert len(RUN_FLAGS) == 13 and args["bf16"] == "auto"
+    assert args["max_steps"] == 2000 and args["lr"] == 1e-3
     assert {k: args[k] for k in CLI_SHAPE} == CLI_SHAPE == dict(n_layer=4, n_head=4, n_embd=128,
                                                                   block_size=64)
     assert (args["dropout"], args["bias"]) == (GPTConfig.dropout, GPTConfig.bias)

@@ -21,7 +21,7 @@ def trainer(batch_size: int, grad_accum: int) -> Trainer:
     ids = torch.tensor(tok.encode(text))
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=tok.vocab_size))
-    config = TrainConfig(max_steps=3, batch_size=batch_size, grad_accum=grad_accum, device="cpu",
+    config = TrainConfig(max_steps=3, batch_size=batch_size, grad_accum=grad_accum, device="cpu", bf16="off",
                          progress=False, eval_interval=1, eval_batches=2, seed=5)
     return Trainer(model, ids[: len(ids) * 9 // 10], ids[len(ids) * 9 // 10 :], config)
 
