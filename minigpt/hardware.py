@@ -8,6 +8,7 @@ Built in: 04_pretraining
 from __future__ import annotations
 
 import ctypes
+import functools
 import time
 
 import torch
@@ -28,9 +29,7 @@ def bf16_native(device: torch.device) -> bool:
     return False
 
 
-_ALLOCATOR_TUNED = False
-
-
+@functools.cache
 def keep_freed_memory() -> bool:
     """Tell glibc's allocator to keep large freed blocks for reuse instead of handing them back to the
     operating system. By default glibc serves each block above its mmap threshold (128 KiB, growing to
@@ -42,15 +41,12 @@ def keep_freed_memory() -> bool:
 
     Built in: 04_pretraining
     """
-    global _ALLOCATOR_TUNED
-    if not _ALLOCATOR_TUNED:
-        try:
-            mallopt = ctypes.CDLL("libc.so.6").mallopt
-        except (OSError, AttributeError):
-            return False
-        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        _ALLOCATOR_TUNED = bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 2**31 - 1))
-    return _ALLOCATOR_TUNED
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def pick_device(name: str = "auto") -> torch.device:

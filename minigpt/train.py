@@ -459,10 +459,14 @@ class Trainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
 
     # -- efficiency ----------------------------------------------------------------------------------
+    @property
+    def matmul_dtype(self) -> torch.dtype:
+        """The precision the forward pass multiplies in: bf16 under autocast, else float32."""
+        return torch.bfloat16 if self.use_bf16 else torch.float32
+
     def mfu(self, tokens_per_s: float, peak_flops: float | None = None) -> float:
         """Model FLOPs utilisation: training FLOPs per second over the measured matmul peak."""
         if peak_flops is None:
-            dtype = torch.bfloat16 if self.use_bf16 else torch.float32
-            peak_flops = measure_matmul_peak(self.device, dtype)
+            peak_flops = measure_matmul_peak(self.device, self.matmul_dtype)
         per_token = flops_per_token(self.model.config)["training"]
         return per_token * tokens_per_s / peak_flops
