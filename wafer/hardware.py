@@ -177,8 +177,9 @@ class Cluster:
             raise ValueError(f"memoryx_bytes={self.memoryx_bytes!r} must be positive")
 
     def peak_flops(self, dtype: str = MODEL_DTYPE) -> float:
-        """Dense peak FLOP/s of every system together."""
-        return self.systems * self.wafer.peak_flops(dtype)
+        """Dense peak FLOP/s of every system together, on the rectangle of PEs a program gets on each
+        (``wafer.pes``), not the marketed core count."""
+        return self.systems * self.wafer.peak_flops(dtype, cores=self.wafer.pes)
 
 
 # --- presets ------------------------------------------------------------------------------------------

@@ -135,14 +135,14 @@ def weight_streaming(model, cluster: Cluster, batch: int, context: int | None = 
     per_system = batch // cluster.systems
     w = cluster.wafer
     b = dtype_bytes(dtype)
-    sram = w.sram_bytes()
+    sram = w.sram_bytes(w.pes)  # what one program's rectangle holds, not the marketed total
+    where = f"the {w.name}'s {sram:,} bytes of SRAM on the {w.width} x {w.height} PEs a program gets"
     c = work.n_embd
     weights = np.array([s.params * b for s in stages], dtype=float)
     for s, nbytes in zip(stages, weights):
         if s.name != "embed" and 2 * nbytes > sram:
             raise ValueError(f"layer {s.name} needs {int(nbytes):,} bytes of weights, twice that to stream "
-                             f"the next layer in beside it ({int(2 * nbytes):,}), over the {w.name}'s "
-                             f"{sram:,} bytes of SRAM")
+                             f"the next layer in beside it ({int(2 * nbytes):,}), over {where}")
     resident = 2 * weights[1:].max()  # two layers of weights (the embedding lookup streams rows only)
     if recompute:  # each layer's input, and one layer's activations while it runs backward
         kept = sum(c for s in stages if s.name != "head") + max(s.act_elems for s in stages)
@@ -153,17 +153,15 @@ def weight_streaming(model, cluster: Cluster, batch: int, context: int | None = 
     if micro_batch is None:
         if not fits:
             raise ValueError(f"one sequence's activations ({act_per_seq:,} bytes) and two layers of weights "
-                             f"({int(resident):,}) need {int(resident + act_per_seq):,} bytes, over the "
-                             f"{w.name}'s {sram:,} bytes of SRAM")
+                             f"({int(resident):,}) need {int(resident + act_per_seq):,} bytes, over {where}")
         micro_batch = max(fits)
     elif not isinstance(micro_batch, int) or micro_batch < 1 or per_system % micro_batch:
         raise ValueError(f"micro_batch={micro_batch!r} must divide the {per_system} sequences per system")
     elif resident + micro_batch * act_per_seq > sram:
         need = int(resident + micro_batch * act_per_seq)
-        raise ValueError(f"micro_batch={micro_batch} needs {need:,} bytes of SRAM, over the {w.name}'s "
-                         f"{sram:,}")
+        raise ValueError(f"micro_batch={micro_batch} needs {need:,} bytes of SRAM, over {where}")
     tokens = micro_batch * context  # per system per micro-batch
-    peak = w.peak_flops(dtype)
+    peak = w.peak_flops(dtype, cores=w.pes)
     io = w.io_bits_per_s / 8  # bytes per second, each direction
     streamed = weights.copy()
     rows = tokens + (context if work.shape.positions else 0)  # the token rows it reads, and the positions'

@@ -250,7 +250,7 @@ class TrainingEstimator:
         systems = self.systems.value
         per_system = max(8, 240 // systems)  # sequences per system: at least 8, about 240 in all
         t = training_time(work, tokens, Cluster(WSE2, systems), per_system * systems)
-        gpus = round(systems * WSE2.peak_flops("fp16") / H100.peak_flops())  # the same dense peak
+        gpus = round(Cluster(WSE2, systems).peak_flops("fp16") / H100.peak_flops())  # the same dense peak
         return {"params": work.params, "tokens": tokens, "flops": t.flops, "days": t.days,
                 "utilisation": t.utilisation, "gpus": gpus,
                 "gpu_days": gpu_training_days(work, tokens, H100, gpus, self.mfu.value)}
