@@ -210,7 +210,8 @@ WSE2 = Wafer(
     hop_cycles=1,  # P (implicit): vendor timing code subtracts px + py cycles for distance
     colors=24,  # P: routable colors 0..23
     io_bits_per_s=1.2e12,  # P: 12 x 100 GbE
-    sparse_fp16_flops_published=62.5e15,  # S: vendor "AI" peak, with sparsity; not dense
+    sparse_fp16_flops_published=62.5e15,  # D: Andromeda's "1 exaflop" of AI compute (vendor, with
+    # sparsity) over its 16 CS-2 systems; the vendor quotes no per-system figure. Not dense.
     sram_bytes_published=40e9,  # P/S: vendor, "40 GB"
     power_w=15_000,  # S
 )
@@ -218,7 +219,7 @@ WSE2 = Wafer(
 WSE3 = Wafer(
     name="WSE-3",
     width=755, height=1170,  # D: fabric 762 x 1172, width <= fabric_x - 7, height <= fabric_y - 2
-    clock_hz=1.1e9,  # A: WaferLLM's WSE-2 convention, assumed
+    clock_hz=1.1e9,  # P (a convention): WaferLLM's WSE-3 code converts cycles at 1.1 GHz, as for WSE-2
     sram_bytes_per_pe=48 * 1024,  # P
     fp32_fmacs_per_cycle=1,  # A: as WSE-2
     fp16_fmacs_per_cycle=8,  # S: press, 8-wide SIMD FMAC
