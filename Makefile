@@ -51,7 +51,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 ## make sync: pair book/*.md with notebooks/*.ipynb and re-execute changed chapters
-## (CHAPTERS="01 02" or FORCE=1 re-executes those or all)
+## (CHAPTERS="01 02" re-executes only those; FORCE=1 all)
 sync: $(STAMP)
 	$(PY) scripts/sync.py $(if $(FORCE),--force) $(CHAPTERS)
 

@@ -22,7 +22,7 @@ MODULES = {"minigpt": ["envcheck", "stories", "entropy", "data", "files", "check
                        "sweep", "widgets"],
            "wafer": ["hardware", "target", "shape", "workload", "stages", "cost", "mesh", "collectives",
                      "viz", "placement", "strategies", "optimize", "placement_sim", "streaming", "inference",
-                     "emulate", "widgets"]}
+                     "emulate", "kernels", "calibration", "widgets"]}
 
 
 def chapters() -> list[str]:

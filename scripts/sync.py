@@ -2,7 +2,8 @@
 
 A chapter is re-executed when its notebook is missing, when the notebook's cell inputs differ from
 the Markdown source, when any code cell has not been run, or when it is named on the command line
-(``--force`` re-executes every chapter). Stored outputs are thus those of the current source.
+(``--force`` re-executes every chapter). Named chapters are the only ones looked at. Stored outputs
+are thus those of the current source.
 
 Usage: python scripts/sync.py [--force] [NN ...]
 """
@@ -66,6 +67,8 @@ def main() -> int:
     if unknown:
         print(f"sync: unknown chapter(s) {unknown}; chapters are {sorted(known)}", file=sys.stderr)
         return 2
+    if args.chapters and not args.force:  # named chapters only: the others are left as they are
+        chapters = [md for md in chapters if md.name[:2] in args.chapters]
     for md in chapters:
         ipynb = ROOT / "notebooks" / md.with_suffix(".ipynb").name
         why = ("forced" if args.force or md.name[:2] in args.chapters else needs_run(md, ipynb))

@@ -1,0 +1,174 @@
+"""How far to trust the model: every published measurement the book uses, beside the model's value.
+
+:func:`points` returns one :class:`Point` per measurement: what was measured and on what, the published
+value and its source, the model's value (the analytic model of :mod:`wafer.cost` with the PE's
+instructions of :mod:`wafer.kernels`), the mesh simulator's value where it can run the same thing,
+their ratio, and the point's role:
+
+- ``"calibrates"``: the point set a constant of the model (it agrees by construction and is no test);
+- ``"validates"``: a prediction made with constants set elsewhere;
+- ``"setup fitted"``: the paper does not state part of its setup, and the model's setup was chosen so
+  that it matches (also no test; the row shows what the setup has to be).
+
+:func:`error` is a point's error as a factor, max(r, 1/r); :func:`geometric_mean_error` summarises
+the validation points.
+
+Built in: 14_calibration
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from wafer import collectives, cost, inference, kernels
+from wafer.hardware import A100, WSE1, WSE2
+from wafer.mesh import Mesh
+from wafer.shape import LLAMA2_13B, LLAMA3_8B, QWEN2_72B
+from wafer.target import Target
+
+ROLES = ("calibrates", "validates", "setup fitted")
+DECODE_CONTEXT = 2048  # A: cached tokens while decoding (chapter 12's); the paper's rate does not say
+
+
+@dataclass(frozen=True)
+class Point:
+    """One published measurement beside the model: ``ratio`` = model / published.
+
+    Built in: 14_calibration
+    """
+
+    quantity: str
+    setup: str
+    unit: str
+    published: float
+    source: str
+    model: float
+    simulated: float | None
+    role: str
+
+    @property
+    def ratio(self) -> float:
+        return self.model / self.published
+
+
+def error(ratio: float) -> float:
+    """A ratio's error as a factor of at least 1: max(r, 1/r).
+
+    Built in: 14_calibration
+    """
+    if not ratio > 0:
+        raise ValueError(f"ratio={ratio!r} must be positive")
+    return max(ratio, 1 / ratio)
+
+
+def geometric_mean_error(points: list[Point]) -> float:
+    """The geometric mean of :func:`error` over the points that validate.
+
+    Built in: 14_calibration
+    """
+    errors = [error(p.ratio) for p in points if p.role == "validates"]
+    if not errors:
+        raise ValueError("no validation points")
+    return math.exp(sum(math.log(e) for e in errors) / len(errors))
+
+
+def simulated_gemv_cycles(n: int, p: int, dtype: str = "fp16", levels: int = 2) -> int:
+    """WaferLLM's GEMV on the simulator: one row of ``p`` PEs runs the tree allreduce of the block's
+    n/p outputs (every row does the same at the same time), after the block product at the FMAC peak.
+
+    Built in: 14_calibration
+    """
+    b = n // p
+    mesh = Mesh(p, 1, WSE2)
+    pes = collectives.row(mesh, 0)
+    for i, pe in enumerate(pes):
+        mesh.store(pe, "y", np.full(cost.wavelets(b, dtype), float(i), dtype=np.float32))
+    report = collectives.allreduce(mesh, pes, "y", levels)
+    return cost.compute_cycles(b * b, WSE2, dtype) + report.cycles
+
+
+def simulated_reduce_cycles(n: int, count: int, levels: int) -> int:
+    """A reduce of ``count`` wavelets per PE over a row of ``n`` PEs on the simulator.
+
+    Built in: 14_calibration
+    """
+    mesh = Mesh(n, 1, WSE2)
+    pes = collectives.row(mesh, 0)
+    for i, pe in enumerate(pes):
+        mesh.store(pe, "v", np.full(count, float(i), dtype=np.float32))
+    return collectives.reduce(mesh, pes, "v", levels).cycles
+
+
+def best_tree(n: int, count: int, most: int = 4) -> int:
+    """The levels (2 to ``most``) of the fastest tree reduction over ``n`` PEs.
+
+    Built in: 14_calibration
+    """
+    return min(range(2, most + 1), key=lambda levels: cost.reduce_cycles(WSE2, n, count, levels))
+
+
+def points(costs: kernels.PECosts = kernels.WSE2_COSTS, simulate: bool = True) -> list[Point]:
+    """Every published measurement the book holds the model against, in the order of the table.
+
+    Built in: 14_calibration
+    """
+    out: list[Point] = []
+    waferllm = "He et al. 2025 (WaferLLM, OSDI)"
+    clock = WSE2.clock_hz
+
+    # WaferLLM's GEMV (cycles converted at 1.1 GHz, as their code does): P = 512 divides both sizes.
+    for n, published in ((16384, 1.2e-6), (32768, 2.03e-6)):
+        k = kernels.gemv(WSE2, n, 512, costs)
+        sim = simulated_gemv_cycles(n, 512) / clock if simulate else None
+        out.append(Point(f"GEMV {n // 1024}K x {n // 1024}K",
+                         "WSE-2, 512 x 512 PEs, fp16, K = 2 tree allreduce", "us", published * 1e6, waferllm,
+                         k.seconds(WSE2) * 1e6, None if sim is None else sim * 1e6, "validates"))
+    # The same GEMVs on one A100 (cuBLAS), against the HBM roofline.
+    for n, published in ((16384, 0.336e-3), (32768, 1.231e-3)):
+        out.append(Point(f"GEMV {n // 1024}K x {n // 1024}K", "one A100, cuBLAS, 16-bit", "ms",
+                         published * 1e3, waferllm, cost.gemv_roofline_gpu(n, n, A100).seconds * 1e3, None,
+                         "validates"))
+    # The SGEMM sets the fp32 rate.
+    s = kernels.summa_gemm(WSE2, 33_000, 750, costs)
+    out.append(Point("SGEMM 33,000^2", "CS-2, 750 x 750 PEs, fp32 (SUMMA assumed)", "TFLOP/s", 349.0,
+                     "Miyajima et al. 2026 (IPSJ JIP)", s.flops_per_s(WSE2) / 1e12, None, "calibrates"))
+    # BiCGStab on a CS-1.
+    b = kernels.bicgstab(WSE1, 1536, costs)
+    out.append(Point("BiCGStab, 7-point stencil", "CS-1, 600 x 595 x 1536, 16-bit", "PFLOP/s", 0.86,
+                     "Rocki et al. 2020 (SC20)", b.flops_per_s(WSE1) / 1e15, None, "validates"))
+    # Reduce: the best tree against a chain (the vendor's reduce, assumed a chain), at most.
+    n, count = 750, 1
+    levels = best_tree(n, count)
+    model = cost.reduce_cycles(WSE2, n, count, 1) / cost.reduce_cycles(WSE2, n, count, levels)
+    sim = None
+    if simulate:
+        sim = simulated_reduce_cycles(n, count, 1) / simulated_reduce_cycles(n, count, levels)
+    out.append(Point("reduce speed-up, best over vendor's", f"WSE-2 row of {n}, {count} wavelet, chain vs "
+                     f"{levels}-level tree", "x", 3.27, "Luczynski et al. 2024 (HPDC)", model, sim,
+                     "validates"))
+    # Decode rates.
+    for shape, side, wafers, published in ((LLAMA3_8B, 360, 1, 2700.0), (QWEN2_72B, 300, 7, 840.0)):
+        d = kernels.decode(shape, Target(WSE2, context=DECODE_CONTEXT), side, costs, wafers=wafers)
+        out.append(Point(f"decode, {shape.name}", f"WSE-2, {side} x {side} regions, {wafers} wafer(s), "
+                         f"{DECODE_CONTEXT} cached", "tokens/s", published, waferllm, d.tokens_per_s, None,
+                         "validates"))
+    # The KV cache: the shift layout holds P times the concatenation's (no free constant), and the
+    # absolute capacities, whose layers per region the paper does not state (chosen to match).
+    kv_published = ((LLAMA3_8B, 360, 6, 382, 137_548), (LLAMA2_13B, 375, 9, 16, 6_168))
+    for shape, side, layers, concat, shift in kv_published:
+        lay = inference.layout(shape, WSE2, side, layers_per_region=layers)
+        out.append(Point(f"KV shift / concatenation, {shape.name}", f"{side} x {side} regions", "x",
+                         shift / concat, waferllm, lay.shift_tokens / lay.concat_tokens, None, "validates"))
+        out.append(Point(f"KV capacity, concatenation, {shape.name}", f"{side} x {side}, {layers} layers per "
+                         "region", "tokens", concat, waferllm, lay.concat_tokens, None, "setup fitted"))
+    # Cerebras-GPT's training FLOPs, counted from the model (chapter 06's counter).
+    from minigpt.scaling import CEREBRAS_GPT, training_flops  # minigpt never imports wafer
+
+    m = {r.name: r for r in CEREBRAS_GPT}["2.7B"]
+    out.append(Point("training FLOPs, Cerebras-GPT 2.7B", f"{m.tokens:.3g} tokens", "FLOPs", 9.767e20,
+                     "Cerebras Model Zoo config (GPT-3 2.7B)", training_flops(m.config, m.tokens), None,
+                     "validates"))
+    return out
