@@ -137,3 +137,44 @@ def test_full_wafer_gemv_prediction_near_published():
                 for p in range(64, 751, 2) for levels in (1, 2, 3)]
         best = min(r.total for r in runs if r.bytes_per_pe <= WSE2.sram_bytes_per_pe)
         assert abs(cost.seconds(best, WSE2) / published - 1) < 0.10
+
+
+def test_pe_roofline_ridge_and_limits():
+    # WSE-2's PE: 4 fp16 FMACs (8 FLOPs) or 1 fp32 FMAC (2 FLOPs) a cycle, against one 4-byte wavelet a
+    # cycle through the ramp: the ridge is at 2 FLOPs per byte in fp16 and 0.5 in fp32.
+    at_ridge = cost.pe_roofline(800.0, 400.0, WSE2, "fp16")
+    assert at_ridge.compute_s == at_ridge.memory_s == 100 / WSE2.clock_hz and at_ridge.intensity == 2.0
+    assert cost.pe_roofline(800.0, 401.0, WSE2, "fp16").limit == "memory"
+    assert cost.pe_roofline(200.0, 399.0, WSE2, "fp32").limit == "compute"
+    assert cost.pe_roofline(200.0, 401.0, WSE2, "fp32").limit == "memory"
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        cost.pe_roofline(1.0, 1.0, WSE2, "int8")
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("block", [1, 2, 3, 4, 6, 12, 24])
+def test_pe_roofline_predicts_which_phase_of_interleaved_cannon_dominates(dtype, block):
+    # Each step a PE multiplies its B x B blocks and receives the next A and B blocks (2 B^2 elements)
+    # through its ramp; on the interleaved ring the hops add only 2 cycles a step. Away from the ridge,
+    # the roofline's verdict is the analytic model's.
+    grid = 16
+    n = grid * block
+    r = cost.pe_roofline(2.0 * block**3, 2 * block**2 * dtype_bytes(dtype), WSE2, dtype)
+    g = cost.gemm_cycles(WSE2, n, n, n, grid, "interleave", dtype, dataflow=False)
+    if abs(r.compute_s / r.memory_s - 1) > 0.25:
+        assert (r.limit == "compute") == (g.compute > g.communicate)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("p", [8, 64, 256])
+def test_gemv_cycles_are_the_pe_roofline_without_overlap_plus_latency(dtype, p):
+    # A chain GEMV (levels=1): compute, x's piece and the partial sums through the ramp, and the latency
+    # of p - 1 hops down a column and p - 1 hops and stages along a row; the roofline has no latency term.
+    n = 16384
+    g = cost.gemv_cycles(WSE2, n, n, (p, p), 1, dtype)
+    b = n // p
+    ramp = 2 * cost.wavelets(b, dtype)
+    latency = (p - 1) * WSE2.hop_cycles + (p - 1) * (WSE2.hop_cycles + WSE2.stage_cycles)
+    assert g.total == g.compute + ramp + latency - 2
+    r = cost.pe_roofline(2.0 * b * b, 2 * b * dtype_bytes(dtype), WSE2, dtype)
+    assert r.limit == "compute" and g.total * (1 - 1e-9) > r.seconds * WSE2.clock_hz

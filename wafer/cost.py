@@ -1,12 +1,13 @@
 """The analytic model: cycles and seconds from a few constants, checked against the mesh simulator.
 
-It holds the roofline (:class:`Roofline` from :func:`roofline` and :func:`gemv_roofline_gpu`) and
-:func:`bounds`; the SRAM and routing checks (:func:`check_fits`, :func:`check_routable`,
-:func:`reduce_colors`); the cycles of transfers and collectives (:func:`wavelets`,
-:func:`compute_cycles`, :func:`transfer_cycles`, :func:`broadcast_cycles`, :func:`reduce_cycles`,
-:func:`allreduce_cycles`); GEMV and GEMM (:class:`GemvCycles` from :func:`gemv_cycles`,
-:class:`GemmCycles` from :func:`gemm_cycles`); and :func:`seconds`. Kernels default to
-:data:`wafer.hardware.KERNEL_DTYPE` (fp32), GPUs to :data:`wafer.hardware.GPU_DTYPE` (bf16).
+It holds the roofline (:class:`Roofline` from :func:`roofline`, :func:`gemv_roofline_gpu` and, for
+one PE on the fabric, :func:`pe_roofline`) and :func:`bounds`; the SRAM and routing checks
+(:func:`check_fits`, :func:`check_routable`, :func:`reduce_colors`); the cycles of transfers and
+collectives (:func:`wavelets`, :func:`compute_cycles`, :func:`transfer_cycles`,
+:func:`broadcast_cycles`, :func:`reduce_cycles`, :func:`allreduce_cycles`); GEMV and GEMM
+(:class:`GemvCycles` from :func:`gemv_cycles`, :class:`GemmCycles` from :func:`gemm_cycles`); and
+:func:`seconds`. Kernels default to :data:`wafer.hardware.KERNEL_DTYPE` (fp32), GPUs to
+:data:`wafer.hardware.GPU_DTYPE` (bf16).
 
 Assumptions, each one a choice the simulator shares (so that the simulator checks the arithmetic)
 and that the real machine may not:
@@ -91,6 +92,19 @@ def gemv_roofline_gpu(m: int, n: int, gpu: GPU, dtype: str = GPU_DTYPE) -> Roofl
     """
     bytes_moved = (m * n + m + n) * dtype_bytes(dtype)
     return roofline(2.0 * m * n, bytes_moved, gpu.peak_flops(dtype), gpu.hbm_bytes_per_s)
+
+
+def pe_roofline(flops: float, bytes_in: float, wafer: Wafer, dtype: str = KERNEL_DTYPE) -> Roofline:
+    """One PE's roofline on the fabric: ``flops`` at the PE's peak (``fmacs_per_cycle(dtype)`` x 2
+    FLOPs per cycle) against ``bytes_in``, the bytes that must arrive from other PEs, through the PE's
+    ramp at one wavelet (``link_bits_per_cycle`` / 8 bytes) per cycle. Both times in seconds at the
+    wafer's clock; a ``limit`` of ``"memory"`` here means the ramp. On WSE-2 the ridge is at 2 FLOPs
+    per arriving byte in fp16 (8 FLOPs against 4 bytes a cycle) and at 0.5 in fp32.
+
+    Built in: 08_wafer
+    """
+    peak = wafer.fmacs_per_cycle(dtype) * 2 * wafer.clock_hz
+    return roofline(flops, bytes_in, peak, wafer.link_bits_per_cycle / 8 * wafer.clock_hz)
 
 
 # --- memory -------------------------------------------------------------------------------------------------

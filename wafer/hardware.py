@@ -63,11 +63,13 @@ def dtype_bytes(dtype: str) -> int:
 class Wafer:
     """A wafer-scale engine as a W x H mesh of identical PEs.
 
-    ``width`` x ``height`` is the rectangle a program may use (smaller than the fabric: the SDK keeps
-    a border for its own routing). Each PE has its own SRAM, a multiply-accumulate unit, and a router
-    with five ports (its own PE, north, south, east, west) that moves one 32-bit wavelet per cycle per
-    direction on each link. A hop to a neighbour takes ``hop_cycles``; a wavelet that a PE must
-    receive, process and send on (a software routing stage) costs ``stage_cycles`` more.
+    ``width`` x ``height`` is the rectangle a program may use, smaller than the fabric: the vendor's
+    examples place a program at offset (4, 1) and let it be at most 7 columns narrower and 2 rows
+    shorter than the fabric (csl-examples, benchmarks/single-tile-matvec/README.rst). Each PE has its
+    own SRAM, a multiply-accumulate unit, and a router with five ports (the ramp to its own PE, north,
+    south, east, west) that moves one 32-bit wavelet per cycle per direction on each link. A hop to a
+    neighbour takes ``hop_cycles``; a wavelet that a PE must receive, process and send on (a software
+    routing stage) costs ``stage_cycles`` more.
 
     Built in: 08_wafer
     """
@@ -79,7 +81,7 @@ class Wafer:
     sram_bytes_per_pe: int
     fp32_fmacs_per_cycle: int  # fused multiply-adds per PE per cycle (1 FMAC = 2 FLOPs)
     fp16_fmacs_per_cycle: int  # the SIMD width for 16-bit operands
-    cores_marketed: int  # the vendor's core count (larger than width x height)
+    cores_marketed: int  # the vendor's core count (larger than the fabric and than width x height)
     link_bits_per_cycle: int = 32  # one wavelet per cycle per direction per link
     hop_cycles: int = 1  # router-to-router latency
     stage_cycles: int = 2  # a PE receiving, adding and re-sending a wavelet (see the presets)
@@ -187,10 +189,16 @@ class Cluster:
 # costs more than a hop (beta > alpha). We take 2 cycles: one to receive into the PE, one for the FMAC
 # that adds and re-injects. Chapter 09 shows how the predictions move with it.
 
+# WSE-1 against SC20 (Rocki et al. 2020, arXiv 2010.03660): 0.86 PFLOP/s, "about one third of the
+# machine's peak", so a peak near 2.6 PFLOP/s. With 4 fp16 FMACs (8 FLOPs) a cycle that is 0.90 GHz on
+# the 600 x 595 PEs the solver used, or 0.81 GHz on the marketed 400,000 cores; at this preset's 1.1 GHz
+# the 0.86 PFLOP/s is 27% (600 x 595) or 24% (400,000) of peak. With one fp32 FMAC a cycle the peak at
+# 1.1 GHz is 0.79 to 0.88 PFLOP/s, so 0.86 would be nearly all of it: the third is of a 16-bit SIMD
+# peak. No source we cite gives WSE-1's clock, so 1.1 GHz stays an assumption (chapter 08 prints this).
 WSE1 = Wafer(
     name="WSE-1",
     width=600, height=595,  # D (a lower bound): SC20 (Rocki et al.) put a 600 x 595 mesh, one column per PE
-    clock_hz=1.1e9,  # A: assumed equal to WSE-2's WaferLLM convention
+    clock_hz=1.1e9,  # A: no published WSE-1 clock; WSE-2's WaferLLM convention (see above)
     sram_bytes_per_pe=48 * 1024,  # A: 18 GB / 400k cores = 45 KB; 48 KiB assumed as on WSE-2
     fp32_fmacs_per_cycle=1,  # A: as WSE-2
     fp16_fmacs_per_cycle=4,  # A: as WSE-2
@@ -201,7 +209,8 @@ WSE1 = Wafer(
 
 WSE2 = Wafer(
     name="WSE-2",
-    width=750, height=994,  # P: largest program rectangle (csl-examples benchmarks); fabric 757 x 996
+    width=750, height=994,  # P: largest program rectangle (csl-examples single-tile-matvec README);
+    # fabric 757 x 996 (WaferLLM's WSE-2 code compiles with --fabric-dims=757,996)
     clock_hz=1.1e9,  # P: WaferLLM's code converts cycles at 1.1 GHz; vendor examples use 850 MHz
     sram_bytes_per_pe=48 * 1024,  # P: WaferLLM; csl-examples comments
     fp32_fmacs_per_cycle=1,  # P: WaferLLM, 1 FMAC per cycle per PE
