@@ -1,5 +1,6 @@
 """Scaling laws: training FLOPs, compute-optimal sizes, fitting L(C) = a C^-b + E, Cerebras-GPT's
-published models and law, and muP's coordinate check (activation scales across widths).
+published models and law (and the Model Zoo's FLOP count, chapter 11), and muP's coordinate check
+(activation scales across widths).
 
 Built in: 06_scaling
 """
@@ -143,8 +144,19 @@ def fit_power_law(compute, loss, iterations: int = 200) -> PowerLawFit:
 @dataclass(frozen=True)
 class PublishedModel:
     """One row of Cerebras-GPT's tables (Dey et al. 2023, arXiv 2304.03208; the standard
-    parametrisation). FLOPs as the paper reports them in its evaluation table and in its training
-    table; loss is the Pile test loss in nats per token.
+    parametrisation); loss is the Pile test loss in nats per token. The training FLOPs appear twice,
+    with values 4 to 18% apart:
+
+    - ``flops_training_table``: the paper's training table, which is also the training table of the
+      Cerebras Model Zoo's Cerebras-GPT README (github.com/Cerebras/modelzoo, commit 502f4a2,
+      modelzoo/transformers/pytorch/gpt3/configs/Cerebras_GPT/README.md). Its 1.3B, 2.7B and 6.7B
+      values are the Model Zoo's four-digit counts (:data:`MODEL_ZOO_FLOPS`) rounded to two digits;
+      :func:`model_zoo_flops` rounds to every row of it but 111M's (chapter 11).
+    - ``flops_eval_table``: the paper's evaluation table, also in that README's 0-shot table. The
+      Hugging Face model cards now print these values in their training table as well (the cards'
+      history holds an edit titled "flops typo fix"). No source we found says how this column was
+      counted (chapter 11 finds a count that rounds to it); it is the one the paper's scaling law is
+      fitted against (chapter 06).
 
     Built in: 06_scaling
     """
@@ -177,6 +189,31 @@ CEREBRAS_GPT = [PublishedModel(*row) for row in [
     ("6.7B", 32, 4096, 32, 1.33e11, 6.3e21, 5.9e21, 1.704),
     ("13B", 40, 5120, 40, 2.57e11, 2.3e22, 2.1e22, 1.572),
 ]]
+
+# The training FLOPs the Cerebras Model Zoo quotes to four digits, and the tokens of the run they are
+# for (steps x batch x 2048 from the same config): P, Model Zoo R_1.7.0 (commit a3bf8f6, 2023-01-12),
+# modelzoo/transformers/tf/gpt3/configs/params_gpt3_xl.yaml ("2.498e20 training FLOPs"),
+# params_gpt3_2p7b.yaml ("9.767e20"), params_gpt3_6p7b.yaml ("5.853e21"). Their shapes, batches and
+# steps are Cerebras-GPT 1.3B's, 2.7B's (32 heads) and 6.7B's.
+MODEL_ZOO_FLOPS = {"1.3B": (2.498e20, 24_334 * 528 * 2048), "2.7B": (9.767e20, 49_041 * 528 * 2048),
+                   "6.7B": (5.853e21, 62_522 * 1040 * 2048)}
+
+
+def model_zoo_flops(config: GPTConfig, n_tokens: float, context: int | None = None) -> float:
+    """Training FLOPs counted the way the Cerebras Model Zoo's quoted figures are
+    (:data:`MODEL_ZOO_FLOPS`, reproduced within 0.02%): :func:`training_flops` (3 x every matrix
+    product's forward FLOPs, attention's full T x T and the head included), plus the embedding lookup
+    as a one-hot product in the forward pass and in its weight gradient (2 x 2 n_embd vocab per token;
+    a one-hot input needs no gradient), plus the softmax at 3 FLOPs per attention score (Hoffmann et
+    al. 2022's count), times 3 for training. The count is ours, fitted to their figures; the Model Zoo
+    does not state its formula.
+
+    Built in: 11_streaming
+    """
+    t = config.block_size if context is None else context
+    softmax = 3.0 * config.n_layer * config.n_head * t  # per token, forward
+    embedding = 4.0 * config.n_embd * config.vocab_size  # forward and weight gradient, per token
+    return training_flops(config, n_tokens, context) + (3.0 * softmax + embedding) * n_tokens
 
 
 def cerebras_gpt_published_law(flops):

@@ -12,10 +12,16 @@ from wafer.hardware import H100, WSE2, Cluster
 from wafer.shape import Shape
 from wafer.stages import pipeline_stages
 from wafer.streaming import (
+    CEREBRAS_GPT_RUNS,
     SWARMX_LEVEL_S,
+    UPDATE_BYTES_PER_PARAM,
+    UPDATE_BYTES_PER_S,
+    Run,
     gpu_training_days,
+    max_micro_batch,
     swarmx_levels,
     swarmx_seconds,
+    timeline,
     training_time,
     weight_streaming,
 )
@@ -50,6 +56,19 @@ def test_the_step_by_hand():
     assert s.limit == "I/O"  # 256 tokens per micro-batch: far too few to hide the stream (peak / io ~ 44,000)
     recomputed = weight_streaming(config, cluster, batch=8, context=128, micro_batch=2)
     assert recomputed.backward[1] == max(3 * h0.flops * tokens / peak, h0.params * 2 / io)
+    # MemoryX, by hand: the gradients arrive in reverse order, each after its stream and one tree level
+    # (2 systems); the updates run one after another; the tied head owns only its final LayerNorm
+    update = [p * UPDATE_BYTES_PER_PARAM / UPDATE_BYTES_PER_S for p in (256 * 64 + 128 * 64, h0.params,
+                                                                      h0.params, 2 * 64)]
+    assert s.update.tolist() == pytest.approx(update, rel=1e-12)
+    t, free, ends = 0.0, 0.0, {}
+    for i in (3, 2, 1, 0):
+        start = max(free, t + s.stream[i] + SWARMX_LEVEL_S)
+        assert s.update_start[i] == pytest.approx(start, rel=1e-12)
+        free = ends[i] = start + update[i]
+        t += s.backward[i]
+    assert s.wait_s == pytest.approx(max(0.0, max(ends[0], ends[1]) - t), rel=1e-12, abs=1e-18)
+    assert s.boundary == s.wait_s + SWARMX_LEVEL_S and s.broadcast_s == SWARMX_LEVEL_S
 
 
 @settings(max_examples=25, deadline=None)
@@ -114,3 +133,53 @@ def test_bad_input():
         weight_streaming(CONFIG["111M"], Cluster(WSE2, 1), 120, 2048, micro_batch=7)
     with pytest.raises(ValueError, match="mfu=1.5"):
         gpu_training_days(CONFIG["111M"], 1e9, H100, 8, 1.5, 2048)
+
+
+def test_cerebras_gpt_runs_match_the_published_batches_and_tokens():
+    """Each run's phases give the paper's tokens (within 0.5%) and split the batch evenly; 13B ran 57,000
+    steps at 720 on 8 systems, then 78,223 at 1,080 on 12: 90 sequences per system either way."""
+    assert list(CEREBRAS_GPT_RUNS) == [m.name for m in CEREBRAS_GPT]
+    for m in CEREBRAS_GPT:
+        runs = CEREBRAS_GPT_RUNS[m.name]
+        assert all(r.batch % r.systems == 0 for r in runs)
+        assert abs(sum(r.tokens(2048) for r in runs) / m.tokens - 1) < 0.005, m.name
+    first, second = CEREBRAS_GPT_RUNS["13B"]
+    assert (first.batch // first.systems, second.batch // second.systems) == (90, 90)
+    assert first.steps * first.batch == 38_000 * second.batch  # the step count reset to 38k at batch 1080
+    assert sum(r.systems for r in CEREBRAS_GPT_RUNS["13B"]) <= 20 and max(
+        r.systems for runs in CEREBRAS_GPT_RUNS.values() for r in runs) <= 16  # Andromeda: 16 systems
+    with pytest.raises(ValueError, match="context=0"):
+        Run(1, 8, 10).tokens(0)
+
+
+def test_max_micro_batch_is_the_sram_cap_of_weight_streaming():
+    for name in ("1.3B", "6.7B", "13B"):
+        cap = max_micro_batch(CONFIG[name], Cluster(WSE2, 1), 2048)
+        s = weight_streaming(CONFIG[name], Cluster(WSE2, 1), cap, 2048, micro_batch=cap)
+        assert s.sram_bytes <= WSE2.sram_bytes(WSE2.pes)
+        with pytest.raises(ValueError, match=f"micro_batch={cap + 1} needs"):
+            weight_streaming(CONFIG[name], Cluster(WSE2, 1), cap + 1, 2048, micro_batch=cap + 1)
+    huge = GPTConfig(n_layer=1, n_head=1, n_embd=64, block_size=2 ** 20, vocab_size=256)
+    assert max_micro_batch(huge, Cluster(WSE2, 1), recompute=False) == 0  # one sequence does not fit
+
+
+@pytest.mark.parametrize("systems, batch", [(1, 512), (64, 512), (4, 96)])
+def test_the_timeline_is_the_steps_own_numbers(systems, batch):
+    s = weight_streaming(CONFIG["1.3B"], Cluster(WSE2, systems), batch, 2048)
+    bars = timeline(s)
+    per_micro_batch = float(s.forward.sum() + s.backward.sum())
+    boundary = [b for b in bars if b.lane == "boundary"]
+    assert len(boundary) == 1 and boundary[0].start == pytest.approx(per_micro_batch, rel=1e-12)
+    assert boundary[0].end - boundary[0].start == pytest.approx(s.boundary, rel=1e-12)
+    assert s.micro_batches * per_micro_batch + s.boundary == pytest.approx(s.step, rel=1e-12)
+    for lane in ("weights in", "compute", "gradients out", "update"):  # one thing at a time in each lane
+        spans = sorted((b.start, b.end) for b in bars if b.lane == lane)
+        assert all(a[1] <= b[0] * (1 + 1e-12) for a, b in zip(spans, spans[1:])), lane
+    compute = [b for b in bars if b.lane == "compute"]
+    assert sum(b.end - b.start for b in compute) == pytest.approx(float(s.compute.sum()), rel=1e-12)
+    n = len(s.stages)
+    assert [b.stage for b in compute] == s.stages + s.stages[::-1]  # forward in order, backward reversed
+    assert len([b for b in bars if b.lane == "weights in"]) == 2 * n  # weights stream in twice
+    # the tied head owns only its final LayerNorm: the matrix is updated with the embedding
+    head = next(b for b in bars if b.lane == "update" and b.stage == "head")
+    assert head.end - head.start == pytest.approx(2 * 2048 * UPDATE_BYTES_PER_PARAM / UPDATE_BYTES_PER_S)
