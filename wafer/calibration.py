@@ -1,4 +1,5 @@
-"""How far to trust the model: every published measurement the book uses, beside the model's value.
+"""How far to trust the model: every published measurement the book uses, beside the model's value,
+and the chapters' own numbers for one model set side by side (:func:`reconcile_gpt2_small`).
 
 :func:`points` returns one :class:`Point` per measurement: what was measured and on what, the published
 value and its source, the model's value (the analytic model of :mod:`wafer.cost` with the PE's
@@ -24,10 +25,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from wafer import collectives, cost, inference, kernels
-from wafer.hardware import A100, WSE1, WSE2
+from wafer.emulate import program
+from wafer.hardware import A100, KERNEL_DTYPE, MODEL_DTYPE, WSE1, WSE2
 from wafer.mesh import Mesh
-from wafer.shape import LLAMA2_13B, LLAMA3_8B, QWEN2_72B
+from wafer.optimize import optimize
+from wafer.placement import evaluate
+from wafer.shape import LLAMA2_13B, LLAMA3_8B, QWEN2_72B, Shape
+from wafer.stages import pipeline_stages
+from wafer.strategies import flop_proportional
 from wafer.target import Target
+from wafer.workload import gpt_workload
 
 ROLES = ("calibrates", "validates", "setup fitted")
 DECODE_CONTEXT = 2048  # A: cached tokens while decoding (chapter 12's); the paper's rate does not say
@@ -164,11 +171,70 @@ def points(costs: kernels.PECosts = kernels.WSE2_COSTS, simulate: bool = True) -
                          shift / concat, waferllm, lay.shift_tokens / lay.concat_tokens, None, "validates"))
         out.append(Point(f"KV capacity, concatenation, {shape.name}", f"{side} x {side}, {layers} layers per "
                          "region", "tokens", concat, waferllm, lay.concat_tokens, None, "setup fitted"))
-    # Cerebras-GPT's training FLOPs, counted from the model (chapter 06's counter).
-    from minigpt.scaling import CEREBRAS_GPT, training_flops  # minigpt never imports wafer
+    # Cerebras-GPT's training FLOPs, counted from the model by chapter 06's formula (the products,
+    # attention and the head; no embedding or softmax convention), against the Model Zoo's four-digit
+    # figures (chapter 11 traces them).
+    from minigpt.scaling import CEREBRAS_GPT, MODEL_ZOO_FLOPS, training_flops  # minigpt never imports wafer
 
-    m = {r.name: r for r in CEREBRAS_GPT}["2.7B"]
-    out.append(Point("training FLOPs, Cerebras-GPT 2.7B", f"{m.tokens:.3g} tokens", "FLOPs", 9.767e20,
-                     "Cerebras Model Zoo config (GPT-3 2.7B)", training_flops(m.config, m.tokens), None,
-                     "validates"))
+    shapes = {r.name: r.config for r in CEREBRAS_GPT}
+    for name, (published, tokens) in MODEL_ZOO_FLOPS.items():
+        out.append(Point(f"training FLOPs, Cerebras-GPT {name}", f"{tokens:.4g} tokens", "FLOPs", published,
+                         "Cerebras Model Zoo configs", training_flops(shapes[name], tokens), None,
+                         "validates"))
+    return out
+
+
+# --- the chapters' numbers for one model, reconciled ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One chapter's rate for the same model on the same wafer, and the choices behind it.
+
+    Built in: 13_emulation
+    """
+
+    chapter: str
+    method: str
+    dtype: str
+    placement: str
+    kv_cache: str
+    tokens: str  # what is in flight: the pipeline full, or one token of one sequence
+    tokens_per_s: float
+
+
+def reconcile_gpt2_small(sides: tuple[int, ...] = (60, 90, 120, 180, 240, 360)) -> list[Reading]:
+    """GPT-2 small on WSE-2 as chapters 10, 12, 13 and 14 each compute it, with what differs.
+
+    Built in: 13_emulation
+    """
+    from minigpt.model import GPTConfig  # minigpt never imports wafer
+
+    out = []
+    gpt2 = GPTConfig(block_size=2048)
+    stages = pipeline_stages(gpt_workload(gpt2, context=2048, dtype=MODEL_DTYPE))
+    ev = evaluate(optimize(stages, Target(WSE2, context=2048)))
+    rects = "a rectangle per layer, sized by its FLOPs (optimized)"
+    out.append(Reading("10", "layer-pipelined evaluation", MODEL_DTYPE, rects,
+                       "spread over each layer's rectangle",
+                       "the pipeline full (many tokens)", ev.tokens_per_s))
+    out.append(Reading("10", "the same, latency", MODEL_DTYPE, rects, "spread over each layer's rectangle",
+                       "one token alone, 2048 cached", 1 / ev.latency_s))
+    target = Target(WSE2, context=2048)
+    shape = Shape.from_config(gpt2)
+    best = max(sides, key=lambda p: inference.decode(shape, target, p).tokens_per_s)
+    square = f"each layer on its own {best} x {best} square (the best side)"
+    spread = "spread over the square (attention as two GEMVs)"
+    one = "one token alone, 2048 cached"
+    out.append(Reading("12", "decode, GEMVs at the FMAC peak", MODEL_DTYPE, square, spread, one,
+                       inference.decode(shape, target, best).tokens_per_s))
+    out.append(Reading("14", "decode with the PE's instructions", MODEL_DTYPE, square, spread, one,
+                       kernels.decode(shape, target, best).tokens_per_s))
+    small = GPTConfig()
+    st = pipeline_stages(gpt_workload(small, context=1024, dtype=KERNEL_DTYPE))
+    placed = flop_proportional(st, Target(WSE2, context=1024, dtype=KERNEL_DTYPE), columns=1)
+    cycles = sum(c for _, _, c in program(small, placed, 511))
+    out.append(Reading("13", "the emulator's program", KERNEL_DTYPE, "FLOP-proportional strips, one column",
+                       "in the first column of each layer's strip", "one token alone, position 512",
+                       WSE2.clock_hz / cycles))
     return out

@@ -238,12 +238,17 @@ def bicgstab(wafer: Wafer, nz: int, costs: PECosts = IDEAL, dtype: str = "fp16",
 
 # --- decode with the PE's instructions --------------------------------------------------------------
 
-# The small vector operations of one decoder layer, as instructions over the PE's piece of a
-# d-vector: (what, instructions, vectors read, vectors written). RMSNorm twice (a sum of squares, a
-# scale), the rotary embedding of q and k (two multiplies and an add each), the softmax's exponent and
-# scale, the gated activation (SiLU and the product), two residual additions.
-LAYER_VECTOR_OPS = (("norms", 4, 2, 1), ("rotary", 6, 2, 1), ("softmax", 2, 1, 1),
-                    ("activation", 2, 2, 1), ("residual", 2, 2, 1))
+# The small vector operations of one decoder layer, as WaferLLM's decode kernel issues them (its
+# Decode/WSE-2/src/decode.csl): (what, instructions, the vector they run over, vectors read, written).
+# The vector is the PE's piece of the hidden size ("d"), of half of it ("d/2", the rotary pairs), of
+# the MLP's width ("ffn") or of the cached tokens ("context"). Its per-element scalar loops (the SiLU,
+# the exponent in the softmax, a square root per norm) are not modelled: chapter 14 names them.
+LAYER_VECTOR_OPS = (("norms: square, sum, scale (x2)", 6, "d", 1, 1),
+                    ("rotary of q and k: 4 products, a difference, a sum (x2)", 12, "d/2", 2, 1),
+                    ("zero the products' outputs", 9, "d", 0, 1),
+                    ("softmax: scale, max, shift, sum, normalise", 5, "context", 1, 1),
+                    ("gate times up", 1, "ffn", 2, 1),
+                    ("residual additions", 2, "d", 2, 1))
 
 
 @dataclass(frozen=True)
@@ -266,7 +271,7 @@ def decode(shape: Shape, target: Target, side: int, costs: PECosts = WSE2_COSTS,
     """One decode step as :func:`wafer.inference.decode` computes it, plus what the PE's instructions
     add: each GEMV's product done as one instruction per column of the PE's block (a start-up each, and
     the SRAM-port rate), and each layer's small vector operations (:data:`LAYER_VECTOR_OPS`) over the
-    PE's piece of the hidden vector.
+    PE's piece of the vector each runs over.
 
     Built in: 14_calibration
     """
@@ -282,9 +287,10 @@ def decode(shape: Shape, target: Target, side: int, costs: PECosts = WSE2_COSTS,
 
     per_layer = sum(product_extra(m, n) for _, m, n in shape.products())
     per_layer += product_extra(target.context, d) + product_extra(d, target.context)  # attention
-    piece = math.ceil(d / side)
-    vector = sum(k * instruction_cycles(piece, wafer, costs, dtype, reads, writes)
-                 for _, k, reads, writes in LAYER_VECTOR_OPS)
+    piece = {"d": math.ceil(d / side), "d/2": math.ceil(d / side / 2), "ffn": math.ceil(shape.d_ffn / side),
+             "context": math.ceil(target.context / side)}
+    vector = sum(k * instruction_cycles(piece[over], wafer, costs, dtype, reads, writes)
+                 for _, k, over, reads, writes in LAYER_VECTOR_OPS)
     products_s = (shape.n_layer * per_layer + product_extra(shape.vocab, d)) / wafer.clock_hz
     vector_s = shape.n_layer * vector / wafer.clock_hz
     seconds = base.seconds + products_s + vector_s
