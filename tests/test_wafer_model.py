@@ -15,10 +15,12 @@ from wafer.workload import gpt_workload
 
 
 def test_presets_reproduce_published_aggregates():
-    # SRAM: 48 KiB x 850k = 41.8 GB against "40 GB" (5% over, the marketing rounds down); WSE-3 44 GB.
+    # SRAM: 48 KiB x 850k = 41.8 GB against the marketed "40 GB" (4% over; no source says how the vendor
+    # counted it); WSE-3 44 GB.
     assert abs(WSE2.sram_bytes() / WSE2.sram_bytes_published - 1) < 0.05
     assert abs(WSE3.sram_bytes() / WSE3.sram_bytes_published - 1) < 0.01
-    # Dense fp16 peak at 1.1 GHz: 7.48 PFLOP/s (WAFER_FACTS, derived); Andromeda's "120 PF" / 16 = 7.5.
+    # Dense fp16 peak at 1.1 GHz: 7.48 PFLOP/s (derived: 850,000 x 4 x 2 x 1.1e9); Andromeda's "120 PF"
+    # / 16 = 7.5.
     assert abs(WSE2.peak_flops("fp16") - 7.48e15) / 7.48e15 < 0.001
     assert abs(WSE2.with_clock(850e6).peak_flops("fp16") - 5.78e15) / 5.78e15 < 0.001
     assert abs(WSE2.peak_flops() * 16 / 120e15 - 1) < 0.01
