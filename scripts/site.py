@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+REFERENCES = "99_references"  # the book's references page: listed under "Reference", not as a chapter
 STAGE = ROOT / "build" / "site"
 MODULES = {"minigpt": ["envcheck", "stories", "entropy", "data", "files", "checks", "tokenizer", "attention",
                        "model", "generate", "hardware", "train", "finetune", "lora", "distributed", "scaling",
@@ -43,8 +44,9 @@ def stage() -> Path:
     for name in names:
         shutil.copy(ROOT / "notebooks" / f"{name}.ipynb", STAGE / "chapters" / f"{name}.ipynb")
     toc = ["format: jb-book", "root: intro", "parts:", "  - caption: Chapters", "    chapters:"]
-    toc += [f"      - file: chapters/{n}" for n in names]
-    toc += ["  - caption: Reference", "    chapters:", "      - file: api"]
+    toc += [f"      - file: chapters/{n}" for n in names if n != REFERENCES]
+    toc += ["  - caption: Reference", "    chapters:"]
+    toc += [f"      - file: chapters/{n}" for n in names if n == REFERENCES] + ["      - file: api"]
     (STAGE / "_toc.yml").write_text("\n".join(toc) + "\n")
     api = ["# API reference", "", "Generated from the docstrings. A public function's docstring names the "
            "chapter that builds it.", ""]

@@ -1,9 +1,10 @@
 """Pair book/NN_*.md with notebooks/NN_*.ipynb and re-execute the chapters that changed.
 
-A chapter is re-executed when its notebook is missing, when the notebook's cell inputs differ from
-the Markdown source, when any code cell has not been run, or when it is named on the command line
-(``--force`` re-executes every chapter). Named chapters are the only ones looked at. Stored outputs
-are thus those of the current source.
+A chapter is re-executed when its notebook is missing, when the notebook's code cells differ from
+the Markdown source's, when any code cell has not been run, or when it is named on the command line
+(``--force`` re-executes every chapter). Where only the text (the Markdown cells) changed, the pair is
+updated and the stored outputs are kept: the code that made them is the same. Named chapters are the
+only ones looked at. Stored outputs are thus those of the current source.
 
 Usage: python scripts/sync.py [--force] [NN ...]
 """
@@ -27,13 +28,20 @@ def inputs(nb) -> list[tuple[str, str]]:
     return [(c.cell_type, c.source.strip()) for c in nb.cells]
 
 
+TEXT_ONLY = "only its text changed"
+
+
 def needs_run(md: Path, ipynb: Path) -> str | None:
-    """Why the chapter must be re-executed, or None if its stored notebook is current."""
+    """Why the chapter must be re-executed (or :data:`TEXT_ONLY`: re-paired, not re-executed), or None
+    if its stored notebook is current."""
     if not ipynb.exists():
         return "no notebook yet"
     nb = jupytext.read(ipynb)
-    if inputs(jupytext.read(md)) != inputs(nb):
-        return "source changed"
+    source = jupytext.read(md)
+    if inputs(source) != inputs(nb):
+        def code(cells):
+            return [c for c in inputs(cells) if c[0] == "code"]
+        return TEXT_ONLY if code(source) == code(nb) else "source changed"
     if any(c.cell_type == "code" and c.source.strip() and c.get("execution_count") is None
            for c in nb.cells):
         return "unexecuted cells"
@@ -46,6 +54,10 @@ def sync(md: Path, why: str) -> None:
     update = ["--update"] if ipynb.exists() else []
     subprocess.run([BIN / "jupytext", *update, "--to", "ipynb", "--output", ipynb, md], check=True,
                    stdout=subprocess.DEVNULL)
+    if why == TEXT_ONLY:  # --update kept every code cell's outputs
+        print(f"{md.name}: re-paired ({why}; outputs kept)", flush=True)
+        os.utime(md)
+        return
     start = time.perf_counter()
     print(f"{md.name}: executing ({why})", flush=True)
     done = subprocess.run([BIN / "jupyter", "nbconvert", "--to", "notebook", "--execute", "--inplace",
