@@ -1,4 +1,9 @@
-"""wafer.inference: model shapes, the KV cache's layouts against WaferLLM's figures, decode and prefill."""
+"""wafer.inference: model shapes, the KV cache's layouts against WaferLLM's figures, decode and prefill,
+and their energy per token."""
+
+import dataclasses
+import math
+from collections import Counter
 
 import pytest
 
@@ -8,6 +13,8 @@ from wafer.inference import (
     decode,
     gpu_decode,
     gpu_prefill,
+    joules_per_token,
+    kv_rows,
     layout,
     min_wafers,
     prefill,
@@ -105,3 +112,71 @@ def test_bad_input():
         gpu_prefill(LLAMA3_8B, H100, 0)
     with pytest.raises(ValueError, match="n_kv_head=3 must divide n_head"):
         Shape("odd", 2, 64, 4, 3, 128, 100)
+
+
+def _shift_by_hand(tokens, side):
+    """The shift layout run token by token: a new token enters row 0, and each row that then holds
+    more than the next passes its oldest token down."""
+    rows = [[] for _ in range(side)]
+    for t in range(tokens):
+        rows[0].append(t)
+        for r in range(side - 1):
+            if len(rows[r]) > len(rows[r + 1]):
+                rows[r + 1].append(rows[r].pop(0))
+    where = {t: r for r, held in enumerate(rows) for t in held}
+    return [where[t] for t in range(tokens)]
+
+
+def test_kv_rows_equal_the_shift_run_token_by_token():
+    for side in (1, 2, 3, 5, 8):
+        for tokens in range(0, 4 * side + 3):
+            rows = kv_rows(tokens, side)
+            assert rows == _shift_by_hand(tokens, side), (tokens, side)
+            counts = Counter(rows)
+            assert max(counts.values(), default=0) == math.ceil(tokens / side)
+            assert rows == sorted(rows, reverse=True)  # contiguous runs, the oldest at the bottom
+    assert kv_rows(5, 3, "concat") == [0] * 5
+    assert kv_rows(2, 4) == [3, 2]  # fewer tokens than rows: one each, from the bottom up
+
+
+def test_kv_rows_agree_with_the_layouts_capacity():
+    lay = layout(LLAMA3_8B, WSE2, 360)
+    per_pe = lay.concat_tokens  # tokens a PE's free SRAM holds
+    assert max(Counter(kv_rows(lay.shift_tokens, 360)).values()) == per_pe
+    assert max(Counter(kv_rows(lay.shift_tokens + 1, 360)).values()) == per_pe + 1  # one more overflows
+    assert max(Counter(kv_rows(per_pe, 360, "concat")).values()) == per_pe
+
+
+def test_joules_per_token_is_power_times_seconds_per_token():
+    d = _decode(LLAMA3_8B, WSE2, 180, 2048)
+    assert joules_per_token(d, WSE2) == pytest.approx(WSE2.power_w * d.seconds)
+    p = _prefill(LLAMA3_8B, WSE2, 360, 2048)
+    assert joules_per_token(p, WSE2) == pytest.approx(WSE2.power_w * p.seconds / 2048)  # per prompt token
+    seven = _decode(QWEN2_72B, WSE2, 360, 2048, wafers=7)
+    assert joules_per_token(seven, WSE2, 7) == pytest.approx(7 * WSE2.power_w * seven.seconds)
+    # a memory-bound GPU decode: power x bytes read per token / bandwidth, whatever the peak
+    g = gpu_decode(LLAMA3_8B, H100, 2048)
+    nbytes = LLAMA3_8B.params * 2 + 2048 * LLAMA3_8B.kv_bytes_per_token()
+    assert joules_per_token(g, H100) == pytest.approx(H100.power_w * nbytes / H100.hbm_bytes_per_s)
+    faster = dataclasses.replace(H100, bf16_flops=2 * H100.bf16_flops)
+    same = joules_per_token(gpu_decode(LLAMA3_8B, faster, 2048), faster)
+    assert same == pytest.approx(H100.power_w * nbytes / H100.hbm_bytes_per_s)
+    # a compute-bound prefill: power x FLOPs per prompt token / peak
+    gp = gpu_prefill(LLAMA3_8B, H100, 2048)
+    flops = 2 * LLAMA3_8B.params + 4 * LLAMA3_8B.n_layer * LLAMA3_8B.d_model * 2048
+    assert joules_per_token(gp, H100) == pytest.approx(H100.power_w * flops / H100.bf16_flops)
+    assert joules_per_token(gp, H100) < joules_per_token(g, H100)
+
+
+def test_bad_input_to_kv_rows_and_energy():
+    with pytest.raises(ValueError, match="tokens=-1 must be an integer >= 0"):
+        kv_rows(-1, 4)
+    with pytest.raises(ValueError, match="side=0"):
+        kv_rows(3, 0)
+    with pytest.raises(ValueError, match="kind='ring' is not one of"):
+        kv_rows(3, 4, "ring")
+    g = gpu_decode(LLAMA3_8B, H100, 2048)
+    with pytest.raises(ValueError, match="machines=0"):
+        joules_per_token(g, H100, 0)
+    with pytest.raises(ValueError, match="H100 SXM has power_w=0"):
+        joules_per_token(g, dataclasses.replace(H100, power_w=0))

@@ -30,7 +30,10 @@ the P columns of PEs (ceil(d_kv / P) values each). Where the tokens go is the la
   over all P rows, and the cache holds P times as many (WaferLLM's shift-based cache).
 
 The free SRAM of a PE is what its share of the region's weights leaves (16-bit weights; working
-buffers not counted).
+buffers not counted). :func:`kv_rows` says which row of PEs holds each cached token in either layout.
+
+Energy: :func:`joules_per_token` charges a decode, a prefill or a GPU roofline with its machine's
+nameplate power (``power_w``) for the time each token takes.
 
 Built in: 12_inference
 """
@@ -238,3 +241,54 @@ def gpu_prefill(shape: Shape, gpu: GPU, prompt: int, dtype: str = GPU_DTYPE) -> 
     flops = 2 * shape.params * prompt + 4 * shape.n_layer * shape.d_model * prompt * prompt
     r = roofline(flops, shape.params * b, gpu.peak_flops(dtype), gpu.hbm_bytes_per_s)
     return GpuRoofline(**dataclasses.asdict(r), tokens_per_s=prompt / r.seconds)
+
+
+KV_LAYOUTS = ("concat", "shift")
+
+
+def kv_rows(tokens: int, side: int, kind: str = "shift") -> list[int]:
+    """The row of PEs (0 at the top) that holds each cached token's K and V after ``tokens`` tokens
+    on a ``side`` x ``side`` region, token 0 the oldest. Each token's K and V are split over all
+    ``side`` columns of its row, so a row's count of tokens is what each of its PEs stores.
+
+    ``"concat"``: every token in row 0. ``"shift"``: a new token enters row 0, and each row whose
+    count then exceeds the next row's passes its oldest token down to it. The rows end up holding
+    contiguous runs of tokens, oldest at the bottom, floor or ceil of ``tokens / side`` each (the
+    extra ones in the bottom rows), so no PE holds more than ceil(tokens / side).
+
+    Built in: 12_inference
+    """
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise ValueError(f"tokens={tokens!r} must be an integer >= 0")
+    positive_int("side", side)
+    if kind not in KV_LAYOUTS:
+        raise ValueError(f"kind={kind!r} is not one of {KV_LAYOUTS}")
+    if kind == "concat":
+        return [0] * tokens
+    q, extra = divmod(tokens, side)
+    rows = []
+    for r in range(side - 1, -1, -1):  # from the bottom row up, oldest tokens first
+        rows += [r] * (q + (r >= side - extra))
+    return rows
+
+
+def joules_per_token(result: Decode | Prefill | GpuRoofline, machine: Wafer | GPU,
+                     machines: int = 1) -> float:
+    """Energy per token, in joules: the nameplate power of ``machines`` wafers or GPUs (each
+    ``machine.power_w``) times the seconds per token, 1 / ``result.tokens_per_s``. For a decode it is
+    per generated token; for a prefill, per prompt token. Pass the wafers a :func:`decode` or
+    :func:`prefill` ran on as ``machines``.
+
+    ``power_w`` is the whole system's nameplate power for a wafer (a CS-2 system's, for WSE-2) and the
+    board's for a GPU (its host not counted). It charges the tokens with everything the machine may
+    draw, idle PEs included, so it is an upper bound on what the computation alone draws.
+
+    Built in: 12_inference
+    """
+    positive_int("machines", machines)
+    if not machine.power_w > 0:
+        raise ValueError(f"{machine.name} has power_w={machine.power_w!r}: a preset needs a positive power "
+                         f"for its energy")
+    if not result.tokens_per_s > 0:
+        raise ValueError(f"tokens_per_s={result.tokens_per_s!r} must be positive")
+    return machines * machine.power_w / result.tokens_per_s

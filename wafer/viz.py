@@ -1,12 +1,14 @@
-"""Pictures of simulator runs: ``link_heatmap`` (wavelets per link, one panel per direction) and
-``timeline`` (a bar per operation per PE).
+"""Pictures of simulator runs: ``link_heatmap`` (wavelets per link, one panel per direction),
+``timeline`` (a bar per operation per PE) and ``phase_grid`` (when each PE ends each phase, laid out
+as on the mesh); and of a region's KV cache: ``kv_grid`` (which PEs hold each cached token).
 
-Built in: 09_mesh
+Built in: 09_mesh, 12_inference
 """
 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 from wafer.mesh import PORTS, Report
 
@@ -53,3 +55,98 @@ def timeline(report: Report, pes: list | None = None, title: str = "", ax=None):
     ax.legend(fontsize=7, loc="lower right")
     return ax
 
+
+
+PHASES = {"receive": ("recv",), "compute": (), "send and reduce": ("send", "reduce", "reducesend")}
+
+
+def phase_of(label: str) -> str:
+    """The phase of a timeline entry: its kind of operation, with every product counted as compute.
+
+    Built in: 09_mesh
+    """
+    kind = label.split()[0]
+    return next((name for name, kinds in PHASES.items() if kind in kinds), "compute")
+
+
+def phase_ends(report: Report, width: int, height: int) -> dict[str, np.ndarray]:
+    """For each phase of :data:`PHASES`, a (height, width) array of the cycle at which each PE's last
+    operation of that phase ends (-1 where a PE has none).
+
+    Built in: 09_mesh
+    """
+    ends = {name: np.full((height, width), -1, dtype=np.int64) for name in PHASES}
+    for x, y, label, _, end in report.timeline:
+        grid = ends[phase_of(label)]
+        grid[y, x] = max(grid[y, x], end)
+    return ends
+
+
+def phase_grid(report: Report, width: int, height: int, title: str = "", axes=None):
+    """One panel per phase (receive, compute, send and reduce): each PE drawn where it sits on the
+    mesh, coloured and labelled by the cycle at which its last operation of that phase ends (blank
+    where it has none), on one colour scale. Returns the axes.
+
+    Built in: 09_mesh
+    """
+    ends = phase_ends(report, width, height)
+    if axes is None:
+        _, axes = plt.subplots(1, len(ends), figsize=(3.6 * len(ends) + 1, 3.4), constrained_layout=True)
+    top = max(1, max(int(e.max()) for e in ends.values()))
+    for ax, (name, grid) in zip(axes, ends.items()):
+        image = ax.imshow(np.ma.masked_less(grid, 0), vmin=0, vmax=top, cmap="viridis")
+        for (y, x), c in np.ndenumerate(grid):
+            if c >= 0:
+                ax.text(x, y, str(c), ha="center", va="center", fontsize=6,
+                        color="white" if c < 0.6 * top else "black")
+        ax.set(title=f"{name} ends (cycle)", xlabel="x (PE column)", ylabel="y (PE row)")
+    plt.colorbar(image, ax=list(axes), label="cycle")
+    if title:
+        axes[0].figure.suptitle(title)
+    return axes
+
+
+def kv_grid(rows: list[int], side: int, capacity: int, title: str = "", ax=None):
+    """A ``side`` x ``side`` region's KV cache: each PE a box with room for ``capacity`` tokens, each
+    slot one token's slice of K (solid, left) and of V (hatched, right), coloured by the token's age.
+    ``rows[t]`` is the row of PEs that holds token t (as :func:`wafer.inference.kv_rows` gives it);
+    tokens past a row's capacity are counted in red at its right. Returns the axes.
+
+    Built in: 12_inference
+    """
+    from matplotlib.patches import Patch, Rectangle
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 5))
+    held: dict[int, list[int]] = {}
+    for t, r in enumerate(rows):
+        held.setdefault(r, []).append(t)
+    color = plt.get_cmap("viridis")
+    n = max(1, len(rows) - 1)
+    pad, slot = 0.08, (1 - 2 * 0.08) / capacity
+    for y in range(side):
+        tokens = held.get(y, [])
+        for x in range(side):
+            ax.add_patch(Rectangle((x + 0.03, y + 0.03), 0.94, 0.94, fill=False, edgecolor="0.5",
+                                   linewidth=0.8))
+            for i, t in enumerate(tokens[:capacity]):
+                top = y + pad + i * slot
+                for half, hatch in ((0, None), (1, "////")):
+                    ax.add_patch(Rectangle((x + pad + half * (0.5 - pad), top), 0.5 - pad, slot * 0.9,
+                                           facecolor=color(t / n), hatch=hatch, edgecolor="white",
+                                           linewidth=0.3))
+                if x == 0:
+                    ax.text(x - 0.1, top + slot / 2, str(t), ha="right", va="center", fontsize=6)
+        if len(tokens) > capacity:
+            extra = len(tokens) - capacity
+            words = f"+{extra} tokens\ndo not fit" if extra > 1 else "+1 token\ndoes not fit"
+            ax.text(side + 0.1, y + 0.5, words, color="red", ha="left", va="center", fontsize=7)
+    ax.set_xticks(np.arange(side) + 0.5, range(side))
+    ax.set_yticks(np.arange(side) + 0.5, range(side))
+    ax.set(xlim=(-0.6, side + 1.6), ylim=(side, 0), aspect="equal",
+           xlabel="x (PE column): each holds its share of every token's K and V", ylabel="y (PE row)",
+           title=title)
+    ax.legend(handles=[Patch(facecolor="0.55", label="a token's K slice"),
+                       Patch(facecolor="0.55", hatch="////", edgecolor="white", label="its V slice")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=7)
+    return ax
