@@ -31,7 +31,7 @@ def test_ideal_gemv_equals_the_cost_model_and_the_simulator():
         b = n // p
         assert k.total == cost.compute_cycles(b * b, WSE2, "fp16") + cost.allreduce_cycles(
             WSE2, p, cost.wavelets(b, "fp16"), 2)
-        assert k.total == calibration.simulated_gemv_cycles(n, p)
+        assert k.total == k.compute + calibration.simulated_allreduce_cycles(p, cost.wavelets(b, "fp16"))
 
 
 def test_gemv_start_up_adds_one_per_column():
@@ -81,13 +81,26 @@ def test_decode_kernel_adds_to_the_analytic_step():
     assert real.seconds > base.seconds and real.tokens_per_s == pytest.approx(1 / real.seconds)
 
 
+def test_cannon_instructions_along_either_side():
+    # 2048 x 4096 by 4096 x 4096 on 360 x 360: blocks of 6 x 12 x 12. Down the rows: 12 x 12 instructions
+    # of 6 per step; along the outputs: 6 x 12 of 12.
+    c = PECosts(op_start_cycles=4)
+    m = kernels.cannon_gemm(WSE2, 2048, 4096, 4096, 360, c, along="m")
+    n = kernels.cannon_gemm(WSE2, 2048, 4096, 4096, 360, c, along="n")
+    assert m.compute == 360 * 144 * (4 + 6 / 4) and n.compute == 360 * 72 * (4 + 12 / 4)
+    assert m.communicate == n.communicate
+    with pytest.raises(ValueError, match="along='k'"):
+        kernels.cannon_gemm(WSE2, 8, 8, 8, 2, c, along="k")
+
+
 def test_prefill_kernel_ideal_matches_chapter_12():
     t = Target(WSE2, context=2048)
     for side in (180, 360):
         ideal = kernels.prefill(LLAMA3_8B, t, side, IDEAL)
         assert 2048 / ideal.seconds(WSE2) == pytest.approx(inference.prefill(LLAMA3_8B, t, side).tokens_per_s,
                                                            rel=1e-3)
-        assert kernels.prefill(LLAMA3_8B, t, side).total > ideal.total
+        best = kernels.prefill(LLAMA3_8B, t, side, along="best")
+        assert kernels.prefill(LLAMA3_8B, t, side).total > best.total > ideal.total
 
 
 def test_calibration_table():
@@ -106,8 +119,11 @@ def test_error_and_geometric_mean():
     assert calibration.error(0.5) == 2 and calibration.error(2.0) == 2
     with pytest.raises(ValueError, match="ratio=0"):
         calibration.error(0)
-    p = calibration.Point("q", "s", "u", 1.0, "src", 4.0, None, "validates")
+    p = calibration.Point("q", "s", "u", 1.0, "src", 4.0, 4.0, None, "validates", "wafer timing")
     q = dataclasses.replace(p, model=0.25 * 1.0)
     assert calibration.geometric_mean_error([p, q]) == pytest.approx(4.0)
     with pytest.raises(ValueError, match="no validation points"):
         calibration.geometric_mean_error([dataclasses.replace(p, role="calibrates")])
+    with pytest.raises(ValueError, match="kind='GPU' is not one of"):
+        calibration.geometric_mean_error([p], "GPU")
+    assert dataclasses.replace(p, unit="us").speed_ratio == 0.25 and p.speed_ratio == 4.0

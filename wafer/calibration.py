@@ -3,8 +3,9 @@ and the chapters' own numbers for one model set side by side (:func:`reconcile_g
 
 :func:`points` returns one :class:`Point` per measurement: what was measured and on what, the published
 value and its source, the model's value (the analytic model of :mod:`wafer.cost` with the PE's
-instructions of :mod:`wafer.kernels`), the mesh simulator's value where it can run the same thing,
-their ratio, and the point's role:
+instructions of :mod:`wafer.kernels`), the same without the instructions (``ideal``), the mesh
+simulator's value where it can run part of the same thing, their ratio, what kind of quantity it is
+(:data:`KINDS`), and the point's role:
 
 - ``"calibrates"``: the point set a constant of the model (it agrees by construction and is no test);
 - ``"validates"``: a prediction made with constants set elsewhere;
@@ -12,7 +13,7 @@ their ratio, and the point's role:
   that it matches (also no test; the row shows what the setup has to be).
 
 :func:`error` is a point's error as a factor, max(r, 1/r); :func:`geometric_mean_error` summarises
-the validation points.
+the validation points, of one kind or all.
 
 Built in: 14_calibration
 """
@@ -37,12 +38,18 @@ from wafer.target import Target
 from wafer.workload import gpt_workload
 
 ROLES = ("calibrates", "validates", "setup fitted")
+# What a point measures: a wafer's speed, a wafer's capacity (a layout's arithmetic), a GPU's speed,
+# or an amount of work counted from a model's shape.
+KINDS = ("wafer timing", "wafer capacity", "GPU timing", "work count")
+TIME_UNITS = ("us", "ms")  # quantities where more is slower
 DECODE_CONTEXT = 2048  # A: cached tokens while decoding (chapter 12's); the paper's rate does not say
 
 
 @dataclass(frozen=True)
 class Point:
-    """One published measurement beside the model: ``ratio`` = model / published.
+    """One published measurement beside the model: ``ratio`` = model / published; ``ideal``, the model
+    without the PE's instructions (FMACs at their peak); ``speed_ratio``, the ratio oriented so that
+    more than 1 means the model is faster (or holds more) than the machine.
 
     Built in: 14_calibration
     """
@@ -53,12 +60,18 @@ class Point:
     published: float
     source: str
     model: float
+    ideal: float
     simulated: float | None
     role: str
+    kind: str
 
     @property
     def ratio(self) -> float:
         return self.model / self.published
+
+    @property
+    def speed_ratio(self) -> float:
+        return 1 / self.ratio if self.unit in TIME_UNITS else self.ratio
 
 
 def error(ratio: float) -> float:
@@ -71,30 +84,30 @@ def error(ratio: float) -> float:
     return max(ratio, 1 / ratio)
 
 
-def geometric_mean_error(points: list[Point]) -> float:
-    """The geometric mean of :func:`error` over the points that validate.
+def geometric_mean_error(points: list[Point], kind: str | None = None) -> float:
+    """The geometric mean of :func:`error` over the points that validate (of ``kind``, if given).
 
     Built in: 14_calibration
     """
-    errors = [error(p.ratio) for p in points if p.role == "validates"]
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+    errors = [error(p.ratio) for p in points if p.role == "validates" and kind in (None, p.kind)]
     if not errors:
-        raise ValueError("no validation points")
+        raise ValueError("no validation points" + ("" if kind is None else f" of kind {kind!r}"))
     return math.exp(sum(math.log(e) for e in errors) / len(errors))
 
 
-def simulated_gemv_cycles(n: int, p: int, dtype: str = "fp16", levels: int = 2) -> int:
-    """WaferLLM's GEMV on the simulator: one row of ``p`` PEs runs the tree allreduce of the block's
-    n/p outputs (every row does the same at the same time), after the block product at the FMAC peak.
+def simulated_allreduce_cycles(p: int, count: int, levels: int = 2) -> int:
+    """The tree allreduce of a GEMV's outputs on the simulator: ``count`` wavelets per PE over one row
+    of ``p`` PEs (every row of the grid does the same at the same time).
 
     Built in: 14_calibration
     """
-    b = n // p
     mesh = Mesh(p, 1, WSE2)
     pes = collectives.row(mesh, 0)
     for i, pe in enumerate(pes):
-        mesh.store(pe, "y", np.full(cost.wavelets(b, dtype), float(i), dtype=np.float32))
-    report = collectives.allreduce(mesh, pes, "y", levels)
-    return cost.compute_cycles(b * b, WSE2, dtype) + report.cycles
+        mesh.store(pe, "y", np.full(count, float(i), dtype=np.float32))
+    return collectives.allreduce(mesh, pes, "y", levels).cycles
 
 
 def simulated_reduce_cycles(n: int, count: int, levels: int) -> int:
@@ -109,7 +122,7 @@ def simulated_reduce_cycles(n: int, count: int, levels: int) -> int:
     return collectives.reduce(mesh, pes, "v", levels).cycles
 
 
-def best_tree(n: int, count: int, most: int = 4) -> int:
+def best_tree(n: int, count: int, most: int = 8) -> int:
     """The levels (2 to ``most``) of the fastest tree reduction over ``n`` PEs.
 
     Built in: 14_calibration
@@ -124,53 +137,72 @@ def points(costs: kernels.PECosts = kernels.WSE2_COSTS, simulate: bool = True) -
     """
     out: list[Point] = []
     waferllm = "He et al. 2025 (WaferLLM, OSDI)"
-    clock = WSE2.clock_hz
+    ideal = kernels.IDEAL
 
-    # WaferLLM's GEMV (cycles converted at 1.1 GHz, as their code does): P = 512 divides both sizes.
+    # WaferLLM's GEMV, as its code times it (x already on every row; the product, then a K = 2 tree
+    # allreduce; cycles converted at 1.1 GHz), on the largest grid under 750 whose side divides both
+    # sizes (the paper does not state its grid).
     for n, published in ((16384, 1.2e-6), (32768, 2.03e-6)):
-        k = kernels.gemv(WSE2, n, 512, costs)
-        sim = simulated_gemv_cycles(n, 512) / clock if simulate else None
+        k, i = kernels.gemv(WSE2, n, 512, costs), kernels.gemv(WSE2, n, 512, ideal)
+        sim = None
+        if simulate:  # the allreduce simulated; the product is the same formula on both sides
+            reduced = simulated_allreduce_cycles(512, cost.wavelets(n // 512, "fp16"))
+            sim = (i.compute + reduced) / WSE2.clock_hz
         out.append(Point(f"GEMV {n // 1024}K x {n // 1024}K",
-                         "WSE-2, 512 x 512 PEs, fp16, K = 2 tree allreduce", "us", published * 1e6, waferllm,
-                         k.seconds(WSE2) * 1e6, None if sim is None else sim * 1e6, "validates"))
+                         "WSE-2, 512 x 512 PEs (chosen), fp16, K = 2 tree", "us", published * 1e6, waferllm,
+                         k.seconds(WSE2) * 1e6, i.seconds(WSE2) * 1e6,
+                         None if sim is None else sim * 1e6, "validates", "wafer timing"))
     # The same GEMVs on one A100 (cuBLAS), against the HBM roofline.
     for n, published in ((16384, 0.336e-3), (32768, 1.231e-3)):
+        gpu = cost.gemv_roofline_gpu(n, n, A100).seconds * 1e3
         out.append(Point(f"GEMV {n // 1024}K x {n // 1024}K", "one A100, cuBLAS, 16-bit", "ms",
-                         published * 1e3, waferllm, cost.gemv_roofline_gpu(n, n, A100).seconds * 1e3, None,
-                         "validates"))
+                         published * 1e3, waferllm, gpu, gpu, None, "validates", "GPU timing"))
     # The SGEMM sets the fp32 rate.
     s = kernels.summa_gemm(WSE2, 33_000, 750, costs)
+    si = kernels.summa_gemm(WSE2, 33_000, 750, ideal)
     out.append(Point("SGEMM 33,000^2", "CS-2, 750 x 750 PEs, fp32 (SUMMA assumed)", "TFLOP/s", 349.0,
-                     "Miyajima et al. 2026 (IPSJ JIP)", s.flops_per_s(WSE2) / 1e12, None, "calibrates"))
-    # BiCGStab on a CS-1.
+                     "Miyajima et al. 2026 (IPSJ JIP)", s.flops_per_s(WSE2) / 1e12,
+                     si.flops_per_s(WSE2) / 1e12, None, "calibrates", "wafer timing"))
+    # BiCGStab on a CS-1, with WSE-2's instruction constants (none are published for WSE-1).
     b = kernels.bicgstab(WSE1, 1536, costs)
-    out.append(Point("BiCGStab, 7-point stencil", "CS-1, 600 x 595 x 1536, 16-bit", "PFLOP/s", 0.86,
-                     "Rocki et al. 2020 (SC20)", b.flops_per_s(WSE1) / 1e15, None, "validates"))
-    # Reduce: the best tree against a chain (the vendor's reduce, assumed a chain), at most.
+    bi = kernels.bicgstab(WSE1, 1536, ideal)
+    out.append(Point("BiCGStab, 7-point stencil", "CS-1, 600 x 595 x 1536, all 16-bit (assumed)",
+                     "PFLOP/s", 0.86, "Rocki et al. 2020 (SC20)", b.flops_per_s(WSE1) / 1e15,
+                     bi.flops_per_s(WSE1) / 1e15, None, "validates", "wafer timing"))
+    # Reduce: the best tree against a chain (the vendor's reduce, assumed a chain), at its largest.
     n, count = 750, 1
     levels = best_tree(n, count)
     model = cost.reduce_cycles(WSE2, n, count, 1) / cost.reduce_cycles(WSE2, n, count, levels)
     sim = None
     if simulate:
         sim = simulated_reduce_cycles(n, count, 1) / simulated_reduce_cycles(n, count, levels)
-    out.append(Point("reduce speed-up, best over vendor's", f"WSE-2 row of {n}, {count} wavelet, chain vs "
-                     f"{levels}-level tree", "x", 3.27, "Luczynski et al. 2024 (HPDC)", model, sim,
-                     "validates"))
+    out.append(Point("reduce speed-up, best over vendor's (up to)",
+                     f"WSE-2 row of {n}, {count} wavelet, chain vs {levels}-level tree", "x", 3.27,
+                     "Luczynski et al. 2024 (HPDC)", model, model, sim,
+                     "validates", "wafer timing"))
     # Decode rates.
-    for shape, side, wafers, published in ((LLAMA3_8B, 360, 1, 2700.0), (QWEN2_72B, 300, 7, 840.0)):
-        d = kernels.decode(shape, Target(WSE2, context=DECODE_CONTEXT), side, costs, wafers=wafers)
-        out.append(Point(f"decode, {shape.name}", f"WSE-2, {side} x {side} regions, {wafers} wafer(s), "
-                         f"{DECODE_CONTEXT} cached", "tokens/s", published, waferllm, d.tokens_per_s, None,
-                         "validates"))
-    # The KV cache: the shift layout holds P times the concatenation's (no free constant), and the
-    # absolute capacities, whose layers per region the paper does not state (chosen to match).
+    for shape, side, wafers, published, note in ((LLAMA3_8B, 360, 1, 2700.0, "the paper's region"),
+                                                 (QWEN2_72B, 300, 7, 840.0, "assumed")):
+        t = Target(WSE2, context=DECODE_CONTEXT)
+        d = kernels.decode(shape, t, side, costs, wafers=wafers)
+        di = kernels.decode(shape, t, side, ideal, wafers=wafers)
+        out.append(Point(f"decode, {shape.name}",
+                         f"WSE-2, {side} x {side} regions ({note}), {wafers} wafer(s), "
+                         f"{DECODE_CONTEXT} cached",
+                         "tokens/s", published, waferllm, d.tokens_per_s,
+                         di.tokens_per_s, None, "validates", "wafer timing"))
+    # The KV cache: the shift layout holds P times the concatenation's (no free constant); and the
+    # absolute capacities, at the layers per region that reproduce them (the paper does not state its
+    # layout: 6 and 9 layers per region need 6 and 5 squares, and a WSE-2 holds 4).
     kv_published = ((LLAMA3_8B, 360, 6, 382, 137_548), (LLAMA2_13B, 375, 9, 16, 6_168))
     for shape, side, layers, concat, shift in kv_published:
         lay = inference.layout(shape, WSE2, side, layers_per_region=layers)
+        r = lay.shift_tokens / lay.concat_tokens
         out.append(Point(f"KV shift / concatenation, {shape.name}", f"{side} x {side} regions", "x",
-                         shift / concat, waferllm, lay.shift_tokens / lay.concat_tokens, None, "validates"))
+                         shift / concat, waferllm, r, r, None, "validates", "wafer capacity"))
         out.append(Point(f"KV capacity, concatenation, {shape.name}", f"{side} x {side}, {layers} layers per "
-                         "region", "tokens", concat, waferllm, lay.concat_tokens, None, "setup fitted"))
+                         f"region ({lay.regions} squares)", "tokens", concat, waferllm, lay.concat_tokens,
+                         lay.concat_tokens, None, "setup fitted", "wafer capacity"))
     # Cerebras-GPT's training FLOPs, counted from the model by chapter 06's formula (the products,
     # attention and the head; no embedding or softmax convention), against the Model Zoo's four-digit
     # figures (chapter 11 traces them).
@@ -178,9 +210,9 @@ def points(costs: kernels.PECosts = kernels.WSE2_COSTS, simulate: bool = True) -
 
     shapes = {r.name: r.config for r in CEREBRAS_GPT}
     for name, (published, tokens) in MODEL_ZOO_FLOPS.items():
+        f = training_flops(shapes[name], tokens)
         out.append(Point(f"training FLOPs, Cerebras-GPT {name}", f"{tokens:.4g} tokens", "FLOPs", published,
-                         "Cerebras Model Zoo configs", training_flops(shapes[name], tokens), None,
-                         "validates"))
+                         "Cerebras Model Zoo configs", f, f, None, "validates", "work count"))
     return out
 
 
@@ -204,7 +236,8 @@ class Reading:
 
 
 def reconcile_gpt2_small(sides: tuple[int, ...] = (60, 90, 120, 180, 240, 360)) -> list[Reading]:
-    """GPT-2 small on WSE-2 as chapters 10, 12, 13 and 14 each compute it, with what differs.
+    """GPT-2 small on WSE-2 as chapters 10, 12 and 13 each compute it, with what differs; chapter 13's
+    program also at chapter 10's and 12's 2048 cached tokens, like for like.
 
     Built in: 13_emulation
     """
@@ -228,13 +261,13 @@ def reconcile_gpt2_small(sides: tuple[int, ...] = (60, 90, 120, 180, 240, 360)) 
     one = "one token alone, 2048 cached"
     out.append(Reading("12", "decode, GEMVs at the FMAC peak", MODEL_DTYPE, square, spread, one,
                        inference.decode(shape, target, best).tokens_per_s))
-    out.append(Reading("14", "decode with the PE's instructions", MODEL_DTYPE, square, spread, one,
-                       kernels.decode(shape, target, best).tokens_per_s))
-    small = GPTConfig()
-    st = pipeline_stages(gpt_workload(small, context=1024, dtype=KERNEL_DTYPE))
-    placed = flop_proportional(st, Target(WSE2, context=1024, dtype=KERNEL_DTYPE), columns=1)
-    cycles = sum(c for _, _, c in program(small, placed, 511))
-    out.append(Reading("13", "the emulator's program", KERNEL_DTYPE, "FLOP-proportional strips, one column",
-                       "in the first column of each layer's strip", "one token alone, position 512",
-                       WSE2.clock_hz / cycles))
+    for block, position, what in ((1024, 511, "one token alone, position 512 (as above)"),
+                                  (2048, 2047, "one token alone, 2048 cached")):
+        small = GPTConfig(block_size=block)
+        st = pipeline_stages(gpt_workload(small, context=block, dtype=KERNEL_DTYPE))
+        placed = flop_proportional(st, Target(WSE2, context=block, dtype=KERNEL_DTYPE), columns=1)
+        cycles = sum(c for _, _, c in program(small, placed, position))
+        out.append(Reading("13", "the emulator's program", KERNEL_DTYPE,
+                           "FLOP-proportional strips, one column",
+                           "in the first column of each layer's strip", what, WSE2.clock_hz / cycles))
     return out

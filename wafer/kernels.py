@@ -171,16 +171,23 @@ def summa_gemm(wafer: Wafer, n: int, p: int, costs: PECosts = IDEAL, dtype: str 
 
 
 def cannon_gemm(wafer: Wafer, m: int, k: int, n: int, p: int, costs: PECosts = IDEAL,
-                dtype: str = "fp16") -> KernelCycles:
+                dtype: str = "fp16", along: str = "m") -> KernelCycles:
     """C = A B (m x k times k x n) by Cannon's algorithm on the interleaved ring of a ``p`` x ``p``
-    grid: p block products, each as one FMAC instruction per (k, j) pair of the block, and p - 1
-    shifts of both blocks (:func:`wafer.cost.gemm_cycles`' lockstep communication).
+    grid: p block products and p - 1 shifts of both blocks (:func:`wafer.cost.gemm_cycles`' lockstep
+    communication). A block product is a set of FMAC instructions, and ``along`` says what each one
+    runs over: ``"m"``, a column of C (ceil(m / p) long, one instruction per (k, j) pair, as the SGEMM's
+    SUMMA does), or ``"n"``, a row of C (ceil(n / p) long, one per (i, k) pair).
 
     Built in: 14_calibration
     """
     bm, bk, bn = math.ceil(m / p), math.ceil(k / p), math.ceil(n / p)
+    if along not in ("m", "n"):
+        raise ValueError(f"along={along!r} is not one of ('m', 'n')")
     comm = gemm_cycles(wafer, m, k, n, p, "interleave", dtype, dataflow=False).communicate
-    compute = p * bk * bn * instruction_cycles(bm, wafer, costs, dtype)
+    if along == "m":
+        compute = p * bk * bn * instruction_cycles(bm, wafer, costs, dtype)
+    else:
+        compute = p * bm * bk * instruction_cycles(bn, wafer, costs, dtype)
     return KernelCycles(compute=compute, communicate=comm, total=compute + comm, flops=2.0 * m * k * n)
 
 
@@ -312,21 +319,26 @@ def with_reserve(wafer: Wafer, costs: PECosts = WSE2_COSTS) -> Wafer:
 
 
 
-def prefill(shape: Shape, target: Target, side: int, costs: PECosts = WSE2_COSTS) -> KernelCycles:
+def prefill(shape: Shape, target: Target, side: int, costs: PECosts = WSE2_COSTS, along: str = "m"
+            ) -> KernelCycles:
     """A prompt's prefill (``target.context`` tokens) with every layer on a ``side`` x ``side`` region:
-    each product and attention's two products as :func:`cannon_gemm` with the PE's instructions (one
-    per (k, j) pair of a block, over a column of the prompt's ceil(n / side) rows). With :data:`IDEAL`
-    costs it is the FMAC-peak model of :func:`wafer.inference.prefill`, whole cycles aside.
+    each product and attention's two products as :func:`cannon_gemm` with the PE's instructions, run
+    ``along`` the prompt's rows (``"m"``), the outputs (``"n"``), or whichever is faster for each
+    product (``"best"``). With :data:`IDEAL` costs it is the FMAC-peak model of
+    :func:`wafer.inference.prefill`, whole cycles aside.
 
     Built in: 14_calibration
     """
+    if along not in ("m", "n", "best"):
+        raise ValueError(f"along={along!r} is not one of ('m', 'n', 'best')")
     shape = Shape.from_config(shape)
     wafer, n, dtype = target.wafer, target.context, target.dtype
     inference.layout(shape, wafer, side, dtype)  # raises if the layers do not fit
     d = shape.d_model
-    gemms = [cannon_gemm(wafer, n, k, m, side, costs, dtype) for _, m, k in shape.products()]
-    gemms += [cannon_gemm(wafer, n, d, n, side, costs, dtype),  # scores
-              cannon_gemm(wafer, n, n, d, side, costs, dtype)]  # the weighted sum of V
+    sizes = [(n, k, m) for _, m, k in shape.products()] + [(n, d, n), (n, n, d)]  # + scores, weighted sum
+    ways = ("m", "n") if along == "best" else (along,)
+    gemms = [min((cannon_gemm(wafer, *size, side, costs, dtype, way) for way in ways), key=lambda g: g.total)
+             for size in sizes]
     compute = shape.n_layer * sum(g.compute for g in gemms)
     comm = shape.n_layer * sum(g.communicate for g in gemms)
     return KernelCycles(compute=compute, communicate=comm, total=compute + comm,
