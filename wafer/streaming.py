@@ -19,8 +19,9 @@ wafer. A training step, for each micro-batch:
   stream in once their update is done (the update boundary).
 
 Data parallel over N systems: **SwarmX** broadcasts the weights to every system and reduces their
-gradients in a tree. It works at line rate, so the bandwidth each system sees is its own I/O, and the
-tree adds latency: one level of switches per factor of the fan-out.
+gradients in a tree. The model assumes it works at line rate (the vendor gives no rate), so the
+bandwidth each system sees is its own I/O, and the tree adds latency: one level of switches per
+factor of the fan-out.
 
 The model, its assumptions stated once:
 
@@ -111,7 +112,8 @@ def swarmx_levels(cluster: Cluster) -> int:
 
 def swarmx_seconds(nbytes: float, cluster: Cluster, level_s: float = SWARMX_LEVEL_S) -> float:
     """Time to broadcast ``nbytes`` to every system, or to reduce every system's ``nbytes`` into one:
-    the stream at one system's I/O rate (the switches reduce at line rate) plus a latency per level.
+    the stream at one system's I/O rate (the switches assumed to reduce at line rate) plus a latency
+    per level.
 
     Built in: 11_streaming
     """
