@@ -38,6 +38,15 @@ def test_phase_ends_of_a_gemv_follow_the_model(grid):
     assert ends["send and reduce"].max() == report.cycles == model.total
 
 
+def test_phase_grid_marks_the_pes_without_a_phase():
+    _, report = coll.gemv(np.ones((16, 16)), np.ones(16), grid=(4, 4))
+    axes = viz.phase_grid(report, 4, 4)
+    receive = [t.get_text() for t in axes[0].texts]
+    assert receive.count("none") == 4  # row 0 holds x: it receives nothing
+    assert all(t.get_text() != "none" for ax in axes[1:] for t in ax.texts)
+    plt.close(axes[0].figure)
+
+
 def test_kv_grid_draws_a_slot_per_stored_token_and_counts_the_overflow():
     side, room, tokens = 4, 2, 7  # shift holds up to 4 x 2 = 8, concatenation 2
     for kind, stored, overflow in (("concat", room, tokens - room), ("shift", tokens, 0)):
@@ -45,8 +54,10 @@ def test_kv_grid_draws_a_slot_per_stored_token_and_counts_the_overflow():
         filled = [r for r in ax.patches if isinstance(r, Rectangle) and r.fill]
         assert len(filled) == 2 * side * stored  # a K and a V half per token, in each PE of its row
         texts = [t.get_text() for t in ax.texts]
-        assert (f"+{overflow} tokens\ndo not fit" in texts) == (overflow > 0)
+        assert (f"{overflow} tokens\nrefused" in texts) == (overflow > 0)
+        labels = [t for t in texts if t.isdigit()]  # each stored token's number, once in each PE of its row
+        assert len(labels) == side * stored
         plt.close(ax.figure)
     ax = viz.kv_grid(kv_rows(9, side, "shift"), side, room)  # one token too many: the bottom row overflows
-    assert [t.get_text() for t in ax.texts if "fit" in t.get_text()] == ["+1 token\ndoes not fit"]
+    assert [t.get_text() for t in ax.texts if "refused" in t.get_text()] == ["1 token\nrefused"]
     plt.close(ax.figure)

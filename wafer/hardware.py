@@ -222,7 +222,8 @@ WSE2 = Wafer(
     sparse_fp16_flops_published=62.5e15,  # D: Andromeda's "1 exaflop" of AI compute (vendor, with
     # sparsity) over its 16 CS-2 systems; the vendor quotes no per-system figure. Not dense.
     sram_bytes_published=40e9,  # P/S: vendor, "40 GB"
-    power_w=15_000,  # S
+    power_w=15_000,  # A: no published CS-2 system power found; the press gave the CS-1 20 kW, 15 kW of it
+    # the wafer's (TechSpot, 2019). Chapter 12 shows its energy figures at 15 and 23 kW.
 )
 
 WSE3 = Wafer(

@@ -26,8 +26,9 @@ the P columns of PEs (ceil(d_kv / P) values each). Where the tokens go is the la
 
 - **concatenation**: each new token's K and V are appended in the same row of PEs, so the cache can
   only grow until that row's free SRAM is full;
-- **shift**: the rows shift their tokens down by one PE as a new one arrives, so the tokens spread
-  over all P rows, and the cache holds P times as many (WaferLLM's shift-based cache).
+- **shift**: a new token enters the top row, and each row that then holds more tokens than the row
+  below passes its oldest token down one row, so the tokens spread over all P rows, and the cache
+  holds P times as many (WaferLLM's shift-based cache).
 
 The free SRAM of a PE is what its share of the region's weights leaves (16-bit weights; working
 buffers not counted). :func:`kv_rows` says which row of PEs holds each cached token in either layout.
@@ -279,9 +280,12 @@ def joules_per_token(result: Decode | Prefill | GpuRoofline, machine: Wafer | GP
     per generated token; for a prefill, per prompt token. Pass the wafers a :func:`decode` or
     :func:`prefill` ran on as ``machines``.
 
-    ``power_w`` is the whole system's nameplate power for a wafer (a CS-2 system's, for WSE-2) and the
-    board's for a GPU (its host not counted). It charges the tokens with everything the machine may
-    draw, idle PEs included, so it is an upper bound on what the computation alone draws.
+    ``power_w`` is meant as the whole system's power for a wafer (for WSE-2 an assumed figure for a
+    CS-2; pass a preset with another ``power_w`` to try others) and the board's for a GPU (its host not
+    counted). It charges the tokens with everything the machine may draw, idle PEs included, so it is
+    an upper bound on what the computation alone draws. Over several wafers that run their layers one
+    after another, ``machines`` = the wafers charges every wafer for the whole step; ``machines`` = 1
+    charges only the one at work, as if the others drew nothing.
 
     Built in: 12_inference
     """

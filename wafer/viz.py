@@ -82,23 +82,27 @@ def phase_ends(report: Report, width: int, height: int) -> dict[str, np.ndarray]
     return ends
 
 
-def phase_grid(report: Report, width: int, height: int, title: str = "", axes=None):
+def phase_grid(report: Report, width: int, height: int, title: str = "", axes=None, fontsize: float = 8):
     """One panel per phase (receive, compute, send and reduce): each PE drawn where it sits on the
-    mesh, coloured and labelled by the cycle at which its last operation of that phase ends (blank
-    where it has none), on one colour scale. Returns the axes.
+    mesh, coloured and labelled by the cycle at which its last operation of that phase ends, on one
+    colour scale; a PE with no operation of that phase is drawn light gray and marked "none". Returns
+    the axes.
 
     Built in: 09_mesh
     """
     ends = phase_ends(report, width, height)
     if axes is None:
-        _, axes = plt.subplots(1, len(ends), figsize=(3.6 * len(ends) + 1, 3.4), constrained_layout=True)
+        _, axes = plt.subplots(1, len(ends), figsize=(4.2 * len(ends) + 1, 4.0), constrained_layout=True)
     top = max(1, max(int(e.max()) for e in ends.values()))
     for ax, (name, grid) in zip(axes, ends.items()):
+        ax.imshow(np.where(grid < 0, 1.0, np.nan), vmin=0, vmax=1, cmap="Greys", alpha=0.15)
         image = ax.imshow(np.ma.masked_less(grid, 0), vmin=0, vmax=top, cmap="viridis")
         for (y, x), c in np.ndenumerate(grid):
             if c >= 0:
-                ax.text(x, y, str(c), ha="center", va="center", fontsize=6,
+                ax.text(x, y, str(c), ha="center", va="center", fontsize=fontsize,
                         color="white" if c < 0.6 * top else "black")
+            else:
+                ax.text(x, y, "none", ha="center", va="center", fontsize=fontsize * 0.8, color="0.4")
         ax.set(title=f"{name} ends (cycle)", xlabel="x (PE column)", ylabel="y (PE row)")
     plt.colorbar(image, ax=list(axes), label="cycle")
     if title:
@@ -106,11 +110,12 @@ def phase_grid(report: Report, width: int, height: int, title: str = "", axes=No
     return axes
 
 
-def kv_grid(rows: list[int], side: int, capacity: int, title: str = "", ax=None):
+def kv_grid(rows: list[int], side: int, capacity: int, title: str = "", ax=None, fontsize: float = 8):
     """A ``side`` x ``side`` region's KV cache: each PE a box with room for ``capacity`` tokens, each
-    slot one token's slice of K (solid, left) and of V (hatched, right), coloured by the token's age.
-    ``rows[t]`` is the row of PEs that holds token t (as :func:`wafer.inference.kv_rows` gives it);
-    tokens past a row's capacity are counted in red at its right. Returns the axes.
+    slot one token's slice of K (solid, left) and of V (hatched, right), coloured by the token's age
+    and labelled with its number in every PE. ``rows[t]`` is the row of PEs that token t is sent to
+    (as :func:`wafer.inference.kv_rows` gives it); the tokens past a row's capacity have no room and
+    are counted as refused, in red at its right. Returns the axes.
 
     Built in: 12_inference
     """
@@ -135,18 +140,19 @@ def kv_grid(rows: list[int], side: int, capacity: int, title: str = "", ax=None)
                     ax.add_patch(Rectangle((x + pad + half * (0.5 - pad), top), 0.5 - pad, slot * 0.9,
                                            facecolor=color(t / n), hatch=hatch, edgecolor="white",
                                            linewidth=0.3))
-                if x == 0:
-                    ax.text(x - 0.1, top + slot / 2, str(t), ha="right", va="center", fontsize=6)
+                ax.text(x + 0.5, top + slot * 0.45, str(t), ha="center", va="center", fontsize=fontsize,
+                        color="white" if t < 0.6 * n else "black",
+                        bbox=dict(boxstyle="round,pad=0.1", facecolor=color(t / n), edgecolor="none"))
         if len(tokens) > capacity:
             extra = len(tokens) - capacity
-            words = f"+{extra} tokens\ndo not fit" if extra > 1 else "+1 token\ndoes not fit"
-            ax.text(side + 0.1, y + 0.5, words, color="red", ha="left", va="center", fontsize=7)
-    ax.set_xticks(np.arange(side) + 0.5, range(side))
-    ax.set_yticks(np.arange(side) + 0.5, range(side))
+            words = f"{extra} tokens\nrefused" if extra > 1 else "1 token\nrefused"
+            ax.text(side + 0.1, y + 0.5, words, color="red", ha="left", va="center", fontsize=fontsize)
+    ax.set_xticks(np.arange(side) + 0.5, range(side), fontsize=fontsize)
+    ax.set_yticks(np.arange(side) + 0.5, range(side), fontsize=fontsize)
     ax.set(xlim=(-0.6, side + 1.6), ylim=(side, 0), aspect="equal",
            xlabel="x (PE column): each holds its share of every token's K and V", ylabel="y (PE row)",
            title=title)
     ax.legend(handles=[Patch(facecolor="0.55", label="a token's K slice"),
                        Patch(facecolor="0.55", hatch="////", edgecolor="white", label="its V slice")],
-              loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=7)
+              loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=fontsize + 1)
     return ax
