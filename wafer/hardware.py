@@ -204,7 +204,7 @@ WSE1 = Wafer(
     fp16_fmacs_per_cycle=4,  # A: as WSE-2
     cores_marketed=400_000,  # P: vendor
     sram_bytes_published=18e9,  # P/S: vendor, "18 GB"
-    power_w=20_000,  # S
+    power_w=20_000,  # S: the CS-1 system, 15 kW of it to the wafer (TechSpot, November 2019)
 )
 
 WSE2 = Wafer(
