@@ -31,7 +31,8 @@ def test_ideal_gemv_equals_the_cost_model_and_the_simulator():
         b = n // p
         assert k.total == cost.compute_cycles(b * b, WSE2, "fp16") + cost.allreduce_cycles(
             WSE2, p, cost.wavelets(b, "fp16"), 2)
-        assert k.total == k.compute + calibration.simulated_allreduce_cycles(p, cost.wavelets(b, "fp16"))
+        simulated = calibration.simulated_row_cycles(p, cost.wavelets(b, "fp16"), 2, "allreduce")
+        assert k.total == k.compute + simulated
 
 
 def test_gemv_start_up_adds_one_per_column():
@@ -113,6 +114,8 @@ def test_calibration_table():
     assert [p.role for p in points if p.quantity.startswith("SGEMM")] == ["calibrates"]
     reduce = next(p for p in points if p.quantity.startswith("reduce"))
     assert math.isclose(reduce.simulated, reduce.model)
+    with pytest.raises(ValueError, match="collective='gather'"):
+        calibration.simulated_row_cycles(4, 1, 1, "gather")
 
 
 def test_error_and_geometric_mean():

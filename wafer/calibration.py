@@ -97,29 +97,21 @@ def geometric_mean_error(points: list[Point], kind: str | None = None) -> float:
     return math.exp(sum(math.log(e) for e in errors) / len(errors))
 
 
-def simulated_allreduce_cycles(p: int, count: int, levels: int = 2) -> int:
-    """The tree allreduce of a GEMV's outputs on the simulator: ``count`` wavelets per PE over one row
-    of ``p`` PEs (every row of the grid does the same at the same time).
+def simulated_row_cycles(n: int, count: int, levels: int, collective: str = "reduce") -> int:
+    """A ``collective`` (``"reduce"`` toward the first PE, or ``"allreduce"``) of ``count`` wavelets per
+    PE over a row of ``n`` PEs on the simulator, with a ``levels``-level tree (1: a chain). A GEMV's
+    allreduce is one such row: every row of its grid does the same at the same time.
 
     Built in: 14_calibration
     """
-    mesh = Mesh(p, 1, WSE2)
-    pes = collectives.row(mesh, 0)
-    for i, pe in enumerate(pes):
-        mesh.store(pe, "y", np.full(count, float(i), dtype=np.float32))
-    return collectives.allreduce(mesh, pes, "y", levels).cycles
-
-
-def simulated_reduce_cycles(n: int, count: int, levels: int) -> int:
-    """A reduce of ``count`` wavelets per PE over a row of ``n`` PEs on the simulator.
-
-    Built in: 14_calibration
-    """
+    run = {"reduce": collectives.reduce, "allreduce": collectives.allreduce}
+    if collective not in run:
+        raise ValueError(f"collective={collective!r} is not one of {sorted(run)}")
     mesh = Mesh(n, 1, WSE2)
     pes = collectives.row(mesh, 0)
     for i, pe in enumerate(pes):
         mesh.store(pe, "v", np.full(count, float(i), dtype=np.float32))
-    return collectives.reduce(mesh, pes, "v", levels).cycles
+    return run[collective](mesh, pes, "v", levels).cycles
 
 
 def best_tree(n: int, count: int, most: int = 8) -> int:
@@ -146,7 +138,7 @@ def points(costs: kernels.PECosts = kernels.WSE2_COSTS, simulate: bool = True) -
         k, i = kernels.gemv(WSE2, n, 512, costs), kernels.gemv(WSE2, n, 512, ideal)
         sim = None
         if simulate:  # the allreduce simulated; the product is the same formula on both sides
-            reduced = simulated_allreduce_cycles(512, cost.wavelets(n // 512, "fp16"))
+            reduced = simulated_row_cycles(512, cost.wavelets(n // 512, "fp16"), 2, "allreduce")
             sim = (i.compute + reduced) / WSE2.clock_hz
         out.append(Point(f"GEMV {n // 1024}K x {n // 1024}K",
                          "WSE-2, 512 x 512 PEs (chosen), fp16, K = 2 tree", "us", published * 1e6, waferllm,
@@ -175,7 +167,7 @@ def points(costs: kernels.PECosts = kernels.WSE2_COSTS, simulate: bool = True) -
     model = cost.reduce_cycles(WSE2, n, count, 1) / cost.reduce_cycles(WSE2, n, count, levels)
     sim = None
     if simulate:
-        sim = simulated_reduce_cycles(n, count, 1) / simulated_reduce_cycles(n, count, levels)
+        sim = simulated_row_cycles(n, count, 1) / simulated_row_cycles(n, count, levels)
     out.append(Point("reduce speed-up, best over vendor's (up to)",
                      f"WSE-2 row of {n}, {count} wavelet, chain vs {levels}-level tree", "x", 3.27,
                      "Luczynski et al. 2024 (HPDC)", model, model, sim,
