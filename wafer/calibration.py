@@ -3,7 +3,8 @@ and the chapters' own numbers for one model set side by side (:func:`reconcile_g
 
 :func:`points` returns one :class:`Point` per measurement: what was measured and on what, the published
 value and its source, the model's value (the analytic model of :mod:`wafer.cost` with the PE's
-instructions of :mod:`wafer.kernels`), the same without the instructions (``ideal``), the mesh
+instructions of :mod:`wafer.kernels`), the same with :data:`wafer.kernels.IDEAL` costs (``ideal``: no
+start-up, fp32 at its peak), the mesh
 simulator's value where it can run part of the same thing, their ratio, what kind of quantity it is
 (:data:`KINDS`), and the point's role:
 
@@ -48,8 +49,8 @@ DECODE_CONTEXT = 2048  # A: cached tokens while decoding (chapter 12's); the pap
 @dataclass(frozen=True)
 class Point:
     """One published measurement beside the model: ``ratio`` = model / published; ``ideal``, the model
-    without the PE's instructions (FMACs at their peak); ``speed_ratio``, the ratio oriented so that
-    more than 1 means the model is faster (or holds more) than the machine.
+    with :data:`wafer.kernels.IDEAL` costs (no start-up, fp32 at its peak); ``speed_ratio``, the ratio
+    oriented so that more than 1 means the model is faster (or holds more) than the machine.
 
     Built in: 14_calibration
     """

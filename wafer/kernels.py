@@ -79,7 +79,9 @@ class PECosts:
             raise ValueError(f"sram_reserve_bytes={self.sram_reserve_bytes!r} must be an integer >= 0")
 
 
-IDEAL = PECosts(op_start_cycles=0)  # the analytic model of wafer.cost: no start-up, peak fp32 rate
+# No start-up and fp32 at its peak; the SRAM ports stay (they bind only three-stream instructions) and
+# decode keeps its layer's vector operations. For GEMV, GEMM and prefill this is wafer.cost's model.
+IDEAL = PECosts(op_start_cycles=0)
 
 
 def rate(wafer: Wafer, costs: PECosts, dtype: str, reads: int = 2, writes: int = 1) -> float:
