@@ -151,8 +151,6 @@ def gemv(wafer: Wafer, n: int, p: int, costs: PECosts = IDEAL, dtype: str = "fp1
     _divides(n, p, "gemv")
     b = n // p
     compute = b * instruction_cycles(b, wafer, costs, dtype)
-    if costs.op_start_cycles == 0 and dtype != "fp32":
-        compute = math.ceil(b * b / wafer.fmacs_per_cycle(dtype))  # whole cycles, as the simulator
     comm = allreduce_cycles(wafer, p, wavelets(b, dtype), levels) if p > 1 else 0
     return KernelCycles(compute=compute, communicate=comm, total=compute + comm, flops=2.0 * n * n)
 
