@@ -1,5 +1,5 @@
 """Scaling laws: training FLOPs, compute-optimal sizes, fitting L(C) = a C^-b + E, Cerebras-GPT's
-published models and law (and the Model Zoo's FLOP count, chapter 11), and muP's coordinate check
+published models and law (and the Model Zoo's FLOP count, chapter 12), and muP's coordinate check
 (activation scales across widths).
 
 Built in: 06_scaling
@@ -151,11 +151,11 @@ class PublishedModel:
       Cerebras Model Zoo's Cerebras-GPT README (github.com/Cerebras/modelzoo, commit 502f4a2,
       modelzoo/transformers/pytorch/gpt3/configs/Cerebras_GPT/README.md). Its 1.3B, 2.7B and 6.7B
       values are the Model Zoo's four-digit counts (:data:`MODEL_ZOO_FLOPS`) rounded to two digits;
-      :func:`model_zoo_flops` rounds to every row of it but 111M's (chapter 11).
+      :func:`model_zoo_flops` rounds to every row of it but 111M's (chapter 12).
     - ``flops_eval_table``: the paper's evaluation table, also in that README's 0-shot table. The
       Hugging Face model cards now print these values in their training table as well (the cards'
       history holds an edit titled "flops typo fix"). No source we found says how this column was
-      counted (chapter 11 finds a count that rounds to it); it is the one the paper's scaling law is
+      counted (chapter 12 finds a count that rounds to it); it is the one the paper's scaling law is
       fitted against (chapter 06).
 
     Built in: 06_scaling
@@ -208,7 +208,7 @@ def model_zoo_flops(config: GPTConfig, n_tokens: float, context: int | None = No
     al. 2022's count), times 3 for training. The count is ours, fitted to their figures; the Model Zoo
     does not state its formula.
 
-    Built in: 11_streaming
+    Built in: 12_streaming
     """
     t = config.block_size if context is None else context
     softmax = 3.0 * config.n_layer * config.n_head * t  # per token, forward

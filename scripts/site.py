@@ -20,7 +20,7 @@ REFERENCES = "99_references"  # the book's references page: listed under "Refere
 STAGE = ROOT / "build" / "site"
 MODULES = {"minigpt": ["envcheck", "stories", "entropy", "data", "files", "checks", "tokenizer", "attention",
                        "model", "generate", "hardware", "train", "finetune", "lora", "distributed", "scaling",
-                       "sweep", "widgets"],
+                       "sweep", "widgets", "parallel", "parallel.launch"],
            "wafer": ["hardware", "target", "shape", "workload", "stages", "cost", "mesh", "collectives",
                      "viz", "placement", "strategies", "optimize", "placement_sim", "streaming", "inference",
                      "emulate", "kernels", "calibration", "widgets"]}

@@ -3,6 +3,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -14,6 +15,9 @@ from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# Functions that tests run in several processes (minigpt.parallel.launch.spawn) live in
+# tests/helpers: a new process imports them by module name, and inherits this path.
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 
 # CI machines are slow and shared: no per-example deadline; a fixed number of examples per test.
 settings.register_profile("book", deadline=None, max_examples=200,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = sorted((ROOT / "minigpt").glob("*.py")) + sorted((ROOT / "wafer").glob("*.py"))
+MODULES = sorted((ROOT / "minigpt").rglob("*.py")) + sorted((ROOT / "wafer").rglob("*.py"))
 # The wafer modules that read a minigpt model or config (the explorers' model lists).
 READS_MINIGPT = {"widgets.py", "calibration.py"}
 
@@ -26,7 +26,7 @@ def imported(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_module_is_at_most_500_lines(path):
     lines = len(path.read_text().splitlines())
     assert lines <= 500, f"{path.parent.name}/{path.name} has {lines} lines: split it by idea"
@@ -42,8 +42,8 @@ def test_mesh_functions_are_at_most_60_lines_and_nothing_is_nonlocal():
 
 
 def test_imports_go_one_way():
-    for path in sorted((ROOT / "minigpt").glob("*.py")):
-        assert "wafer" not in imported(path), f"minigpt/{path.name} imports wafer"
+    for path in sorted((ROOT / "minigpt").rglob("*.py")):
+        assert "wafer" not in imported(path), f"minigpt/{path.relative_to(ROOT / 'minigpt')} imports wafer"
     readers = {p.name for p in sorted((ROOT / "wafer").glob("*.py")) if "minigpt" in imported(p)}
     assert readers <= READS_MINIGPT, f"wafer modules that import minigpt: {sorted(readers)}"
 
@@ -62,5 +62,7 @@ def test_the_api_reference_lists_every_module():
     site = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(site)
     for package, listed in site.MODULES.items():
-        modules = {p.stem for p in (ROOT / package).glob("*.py")} - {"__init__", "__main__"}
+        # a subpackage's modules by dotted name (``parallel.zero``), the subpackage by its own name
+        modules = {".".join(p.relative_to(ROOT / package).with_suffix("").parts).removesuffix(".__init__")
+                   for p in (ROOT / package).rglob("*.py")} - {"__init__", "__main__"}
         assert sorted(listed) == sorted(modules), package

@@ -35,7 +35,7 @@ def test_shape_from_hugging_face_gpt2_config():
 
 
 def test_released_parameter_counts():
-    assert LLAMA3_8B.params == 8_030_261_248  # as the released weights count (chapter 12)
+    assert LLAMA3_8B.params == 8_030_261_248  # as the released weights count (chapter 13)
     assert LLAMA2_13B.params == 13_015_864_320
 
 

@@ -133,7 +133,7 @@ def test_gemv_and_gemm_cycles_by_hand():
 def test_full_wafer_gemv_prediction_near_published():
     # WaferLLM (OSDI'25): [1,16K] x [16K,16K] in 1.2 us and [1,32K] x [32K,32K] in 2.03 us on WSE-2, grid not
     # stated. The model's best square grid that fits in SRAM, at 1.1 GHz: within 10%, as the README and
-    # chapter 09 state.
+    # chapter 10 state.
     for n, published in ((16384, 1.2e-6), (32768, 2.03e-6)):
         runs = [cost.gemv_cycles(WSE2, n, n, (p, p), levels, "fp16")
                 for p in range(64, 751, 2) for levels in (1, 2, 3)]

@@ -16,7 +16,7 @@ simulator's value where it can run part of the same thing, their ratio, what kin
 :func:`error` is a point's error as a factor, max(r, 1/r); :func:`geometric_mean_error` summarises
 the validation points, of one kind or all.
 
-Built in: 14_calibration
+Built in: 15_calibration
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ ROLES = ("calibrates", "validates", "setup fitted")
 # or an amount of work counted from a model's shape.
 KINDS = ("wafer timing", "wafer capacity", "GPU timing", "work count")
 TIME_UNITS = ("us", "ms")  # quantities where more is slower
-DECODE_CONTEXT = 2048  # A: cached tokens while decoding (chapter 12's); the paper's rate does not say
+DECODE_CONTEXT = 2048  # A: cached tokens while decoding (chapter 13's); the paper's rate does not say
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Point:
     with :data:`wafer.kernels.IDEAL` costs (no start-up, fp32 at its peak); ``speed_ratio``, the ratio
     oriented so that more than 1 means the model is faster (or holds more) than the machine.
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
 
     quantity: str
@@ -78,7 +78,7 @@ class Point:
 def error(ratio: float) -> float:
     """A ratio's error as a factor of at least 1: max(r, 1/r).
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
     if not ratio > 0:
         raise ValueError(f"ratio={ratio!r} must be positive")
@@ -88,7 +88,7 @@ def error(ratio: float) -> float:
 def geometric_mean_error(points: list[Point], kind: str | None = None) -> float:
     """The geometric mean of :func:`error` over the points that validate (of ``kind``, if given).
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
@@ -103,7 +103,7 @@ def simulated_row_cycles(n: int, count: int, levels: int, collective: str = "red
     PE over a row of ``n`` PEs on the simulator, with a ``levels``-level tree (1: a chain). A GEMV's
     allreduce is one such row: every row of its grid does the same at the same time.
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
     run = {"reduce": collectives.reduce, "allreduce": collectives.allreduce}
     if collective not in run:
@@ -118,7 +118,7 @@ def simulated_row_cycles(n: int, count: int, levels: int, collective: str = "red
 def best_tree(n: int, count: int, most: int = 8) -> int:
     """The levels (2 to ``most``) of the fastest tree reduction over ``n`` PEs.
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
     return min(range(2, most + 1), key=lambda levels: cost.reduce_cycles(WSE2, n, count, levels))
 
@@ -126,7 +126,7 @@ def best_tree(n: int, count: int, most: int = 8) -> int:
 def points(costs: kernels.PECosts = kernels.WSE2_COSTS, simulate: bool = True) -> list[Point]:
     """Every published measurement the book holds the model against, in the order of the table.
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
     out: list[Point] = []
     waferllm = "He et al. 2025 (WaferLLM, OSDI)"
@@ -198,7 +198,7 @@ def points(costs: kernels.PECosts = kernels.WSE2_COSTS, simulate: bool = True) -
                          lay.concat_tokens, None, "setup fitted", "wafer capacity"))
     # Cerebras-GPT's training FLOPs, counted from the model by chapter 06's formula (the products,
     # attention and the head; no embedding or softmax convention), against the Model Zoo's four-digit
-    # figures (chapter 11 traces them).
+    # figures (chapter 12 traces them).
     from minigpt.scaling import CEREBRAS_GPT, MODEL_ZOO_FLOPS, training_flops  # minigpt never imports wafer
 
     shapes = {r.name: r.config for r in CEREBRAS_GPT}
@@ -216,7 +216,7 @@ def points(costs: kernels.PECosts = kernels.WSE2_COSTS, simulate: bool = True) -
 class Reading:
     """One chapter's rate for the same model on the same wafer, and the choices behind it.
 
-    Built in: 13_emulation
+    Built in: 14_emulation
     """
 
     chapter: str
@@ -229,10 +229,10 @@ class Reading:
 
 
 def reconcile_gpt2_small(sides: tuple[int, ...] = (60, 90, 120, 180, 240, 360)) -> list[Reading]:
-    """GPT-2 small on WSE-2 as chapters 10, 12 and 13 each compute it, with what differs; chapter 13's
-    program also at chapter 10's and 12's 2048 cached tokens, like for like.
+    """GPT-2 small on WSE-2 as chapters 11, 13 and 14 each compute it, with what differs; chapter 14's
+    program also at chapter 11's and 12's 2048 cached tokens, like for like.
 
-    Built in: 13_emulation
+    Built in: 14_emulation
     """
     from minigpt.model import GPTConfig  # minigpt never imports wafer
 

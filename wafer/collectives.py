@@ -26,7 +26,7 @@ And the programs, each of which runs its plans and returns the :class:`wafer.mes
   around the edge travelling P - 1 hops), or by Cannon on an interleaved ring (logical neighbours at
   most 2 hops apart, the shift WaferLLM uses); ``GEMM_METHODS`` names them.
 
-Built in: 09_mesh
+Built in: 10_mesh
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def assign_colors(paths: list[list], first: int = 0, limit: int | None = None) -
     a color (a PE holds one route per color). With ``limit``, raise if a path would need a color
     number of ``limit`` or more, naming the PE where the paths crowd.
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     at: dict[tuple, set[int]] = {}
     colors = []
@@ -136,7 +136,7 @@ def tree_chains(n: int, levels: int) -> list[list[list[int]]]:
     g = ceil(n^(1/levels)) (sizes as equal as possible); their heads go on to the next level, and
     the last level is one chain. One level is a single chain over all n.
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     if not isinstance(levels, int) or levels < 1:
         raise ValueError(f"levels={levels!r} must be a positive integer (1 = a chain)")
@@ -224,7 +224,7 @@ def column(mesh: Mesh, x: int, y0: int = 0, y1: int | None = None) -> list:
 def broadcast(mesh: Mesh, source, pes: list, name: str, color: int = 0) -> Report:
     """Copy ``source``'s buffer ``name`` to every PE of the line ``pes``.
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     count = mesh.load(source, name).size
     _program(mesh, broadcast_plan(mesh, source, pes, name, count, color))
@@ -234,7 +234,7 @@ def broadcast(mesh: Mesh, source, pes: list, name: str, color: int = 0) -> Repor
 def reduce(mesh: Mesh, pes: list, name: str, levels: int = 1) -> Report:
     """Sum the buffers ``name`` of the line ``pes`` into ``pes[0]`` (a chain, or a ``levels``-level tree).
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     count = mesh.load(pes[0], name).size
     _program(mesh, reduce_plan(mesh, pes, name, count, levels))
@@ -253,7 +253,7 @@ def allreduce_plan(mesh: Mesh, pes: list, name: str, count: int, levels: int = 1
 def allreduce(mesh: Mesh, pes: list, name: str, levels: int = 1) -> Report:
     """Every PE of ``pes`` ends with the sum of their buffers ``name``: a reduce, then a broadcast.
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     _program(mesh, allreduce_plan(mesh, pes, name, mesh.load(pes[0], name).size, levels))
     return mesh.run()
@@ -273,7 +273,7 @@ def gemv(A: np.ndarray, x: np.ndarray, grid: tuple[int, int], wafer: Wafer = TOY
     """y = A x on a P x Q grid: PE (q, p) holds block (p, q) of A; the top row holds x; x is broadcast
     down the columns, each PE multiplies its block, and each row reduces toward column 0.
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     p_rows, q_cols = grid
     m, n = A.shape
@@ -358,7 +358,7 @@ def gemm(A: np.ndarray, B: np.ndarray, grid: int, method: str = "summa", wafer: 
          ) -> tuple[np.ndarray, Report]:
     """C = A B on a ``grid`` x ``grid`` mesh by ``method`` (``summa``, ``cannon`` or ``interleave``).
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     if method not in GEMM_METHODS:
         raise ValueError(f"method={method!r} is not one of {GEMM_METHODS}")

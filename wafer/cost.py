@@ -21,7 +21,7 @@ and that the real machine may not:
   ``bounds`` gives both ends for any pair: perfect overlap (the max, a lower bound) and none (the sum).
 - A PE's ramp (router to PE) takes one wavelet per cycle, so two streams into one PE share it.
 
-Built in: 08_wafer (roofline, memory), 09_mesh (collectives)
+Built in: 09_wafer (roofline, memory), 10_mesh (collectives)
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ WAVELET_BYTES = 4
 def bounds(compute_s: float, comm_s: float) -> tuple[float, float]:
     """(perfect overlap, no overlap) = (max, sum): the lower and upper bounds on a step's time.
 
-    Built in: 08_wafer
+    Built in: 09_wafer
     """
     return max(compute_s, comm_s), compute_s + comm_s
 
@@ -61,7 +61,7 @@ class Roofline:
     bytes at the bandwidth), both in seconds; ``seconds``, the larger (perfect overlap);
     ``intensity`` in FLOPs per byte; ``limit``, ``"compute"`` or ``"memory"``, whichever is larger.
 
-    Built in: 08_wafer
+    Built in: 09_wafer
     """
 
     compute_s: float
@@ -75,7 +75,7 @@ def roofline(flops: float, bytes_moved: float, peak_flops: float, bytes_per_s: f
     """Time for ``flops`` that must move ``bytes_moved``: the larger of the compute and memory times
     (perfect overlap), both times, the intensity, and which one limits.
 
-    Built in: 08_wafer
+    Built in: 09_wafer
     """
     if flops < 0 or bytes_moved < 0:
         raise ValueError(f"flops={flops} and bytes_moved={bytes_moved} must be >= 0")
@@ -88,7 +88,7 @@ def roofline(flops: float, bytes_moved: float, peak_flops: float, bytes_per_s: f
 def gemv_roofline_gpu(m: int, n: int, gpu: GPU, dtype: str = GPU_DTYPE) -> Roofline:
     """y = A x on a GPU: A is read once from HBM (2mn FLOPs over mn elements).
 
-    Built in: 08_wafer
+    Built in: 09_wafer
     """
     bytes_moved = (m * n + m + n) * dtype_bytes(dtype)
     return roofline(2.0 * m * n, bytes_moved, gpu.peak_flops(dtype), gpu.hbm_bytes_per_s)
@@ -101,7 +101,7 @@ def pe_roofline(flops: float, bytes_in: float, wafer: Wafer, dtype: str = KERNEL
     wafer's clock; a ``limit`` of ``"memory"`` here means the ramp. On WSE-2 the ridge is at 2 FLOPs
     per arriving byte in fp16 (8 FLOPs against 4 bytes a cycle) and at 0.5 in fp32.
 
-    Built in: 08_wafer
+    Built in: 09_wafer
     """
     peak = wafer.fmacs_per_cycle(dtype) * 2 * wafer.clock_hz
     return roofline(flops, bytes_in, peak, wafer.link_bits_per_cycle / 8 * wafer.clock_hz)
@@ -113,7 +113,7 @@ def pe_roofline(flops: float, bytes_in: float, wafer: Wafer, dtype: str = KERNEL
 def check_fits(bytes_per_pe: float, wafer: Wafer, what: str = "the data") -> None:
     """Raise if ``bytes_per_pe`` exceeds a PE's SRAM, saying by how much.
 
-    Built in: 08_wafer
+    Built in: 09_wafer
     """
     if bytes_per_pe > wafer.sram_bytes_per_pe:
         raise ValueError(f"{what} needs {bytes_per_pe:,.0f} bytes per PE, over the "
@@ -124,7 +124,7 @@ def check_fits(bytes_per_pe: float, wafer: Wafer, what: str = "the data") -> Non
 def check_routable(colors: int, wafer: Wafer, what: str = "the algorithm") -> None:
     """Raise if an algorithm needs more colors at one PE than its router has.
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     if colors > wafer.colors:
         raise ValueError(f"{what} needs {colors} colors at one PE; a {wafer.name} PE routes at most "
@@ -136,7 +136,7 @@ def reduce_colors(n: int, levels: int = 1) -> int:
     """Colors the busiest PE routes in a reduction over a line of ``n`` PEs (2 for a chain: one in,
     one out; more where a tree's longer hops pass over PEs).
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     links = reduce_links(n, levels)
     paths = [[(p, 0) for p in range(b, a + 1)] for a, b in links]
@@ -149,7 +149,7 @@ def reduce_colors(n: int, levels: int = 1) -> int:
 def wavelets(elems: int, dtype: str = KERNEL_DTYPE) -> int:
     """Wavelets (32 bits each) that carry ``elems`` values of ``dtype``.
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     return math.ceil(elems * dtype_bytes(dtype) / WAVELET_BYTES)
 
@@ -157,7 +157,7 @@ def wavelets(elems: int, dtype: str = KERNEL_DTYPE) -> int:
 def compute_cycles(fmacs: float, wafer: Wafer, dtype: str = KERNEL_DTYPE) -> int:
     """Cycles of ``fmacs`` multiply-adds on one PE, at its peak for ``dtype``.
 
-    Built in: 08_wafer
+    Built in: 09_wafer
     """
     return math.ceil(fmacs / wafer.fmacs_per_cycle(dtype))
 
@@ -165,7 +165,7 @@ def compute_cycles(fmacs: float, wafer: Wafer, dtype: str = KERNEL_DTYPE) -> int
 def transfer_cycles(wafer: Wafer, hops: int, count: int, stages: int = 0) -> int:
     """k = ``count`` wavelets over ``hops`` hops and ``stages`` software stages.
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     if count < 1:
         return 0
@@ -175,7 +175,7 @@ def transfer_cycles(wafer: Wafer, hops: int, count: int, stages: int = 0) -> int
 def broadcast_cycles(wafer: Wafer, hops: int, count: int) -> int:
     """A multicast reaches a PE ``hops`` away: no stages, the routers copy as wavelets pass.
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     return transfer_cycles(wafer, hops, count)
 
@@ -186,7 +186,7 @@ def reduce_cycles(wafer: Wafer, n: int, count: int, levels: int = 1) -> int:
     distance and a stage per PE it passes through; the rest follow one per cycle. A PE that heads a
     chain joins the next level when its own sum is complete. One chain: (n - 1)(hop + stage) + k - 1.
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     if n <= 1 or count < 1:
         return 0
@@ -205,7 +205,7 @@ def reduce_cycles(wafer: Wafer, n: int, count: int, levels: int = 1) -> int:
 def allreduce_cycles(wafer: Wafer, n: int, count: int, levels: int = 1) -> int:
     """A reduce toward the first PE, then its broadcast back over n - 1 hops.
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     return reduce_cycles(wafer, n, count, levels) + broadcast_cycles(wafer, n - 1, count)
 
@@ -215,7 +215,7 @@ class GemvCycles:
     """A GEMV's phases on a grid, in cycles (``total`` is their sum: the phases do not overlap), the
     bytes of A's block and of x's and y's pieces on one PE, and the colors the busiest PE routes.
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
 
     broadcast: int  # x down the columns
@@ -231,7 +231,7 @@ def gemv_cycles(wafer: Wafer, m: int, n: int, grid: tuple[int, int], levels: int
     """y = A x (A is m x n) on a P x Q grid, as :func:`wafer.collectives.gemv` runs it: x down the
     columns, the local product, the sum along each row. Each phase and the total, in cycles.
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     p, q = grid
     if p < 1 or q < 1 or m < 1 or n < 1:
@@ -252,7 +252,7 @@ class GemmCycles:
     barrier after every shift (``None`` for SUMMA); the bytes of the blocks on one PE, and the colors
     the busiest PE routes.
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
 
     communicate: int
@@ -273,7 +273,7 @@ def gemm_cycles(wafer: Wafer, m: int, k: int, n: int, grid: int, method: str = "
     interleaved ring). With ``dataflow=False`` Cannon's total is the lockstep bound, which is much
     faster to compute on large grids (on the interleaved ring it is within a cycle of the dataflow).
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     P = grid
     bm, bk, bn = math.ceil(m / P), math.ceil(k / P), math.ceil(n / P)
@@ -324,6 +324,6 @@ def _cannon_dataflow(wafer: Wafer, ring: list[int], a: int, b: int, compute: int
 def seconds(cycles: float, wafer: Wafer) -> float:
     """``cycles`` at the wafer's clock, in seconds.
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     return cycles / wafer.clock_hz

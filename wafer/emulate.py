@@ -3,11 +3,11 @@ placement, step, generate) with its :class:`Phase` records, the cost model of ea
 (:func:`gemv_phase`, :func:`layernorm_phase`, :func:`attention_phase`, :func:`transfer_phase`), and
 :func:`program`, the same program's predicted cycles on any grid without running it.
 
-Every weight is tiled into the SRAM of the PEs of its stage's rectangle (a placement from chapter 10,
+Every weight is tiled into the SRAM of the PEs of its stage's rectangle (a placement from chapter 11,
 its stages stacked in one column of strips), and every step of the forward pass is a mesh program:
 
 - a vector of the residual stream lives **across the top row** of a stage, a block per column;
-- a product with a weight matrix is chapter 09's GEMV: the input goes down each column, each PE
+- a product with a weight matrix is chapter 10's GEMV: the input goes down each column, each PE
   multiplies its block, and each row sums toward the stage's first column (output **down the first
   column**, a block per row); or the same turned by a right angle, from the first column back to the
   top row, so that no vector ever needs transposing;
@@ -18,13 +18,13 @@ its stages stacked in one column of strips), and every step of the forward pass 
 - GELU, biases and residual adds are local; a transfer carries the stream from one stage's top row
   down the columns to the next stage's.
 
-Each step is a separate simulator run (the phases of a program), and the cost model of chapter 09
+Each step is a separate simulator run (the phases of a program), and the cost model of chapter 10
 predicts each one's cycles from the same shapes: GEMVs by :func:`wafer.cost.gemv_cycles`, the
 allreduces by :func:`wafer.cost.allreduce_cycles`, transfers by :func:`wafer.cost.transfer_cycles`,
 and local work at the cycles given here (one per multiply-add or element, a few for the
 transcendental ones).
 
-Built in: 13_emulation
+Built in: 14_emulation
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from wafer.strategies import flop_proportional
 from wafer.target import Target
 from wafer.workload import gpt_workload
 
-# cycles per element of the local work (a convention, as chapter 08's vector FLOPs are)
+# cycles per element of the local work (a convention, as chapter 09's vector FLOPs are)
 CYCLES = {"add": 1, "layernorm": 4, "gelu": 8, "softmax": 4}
 
 
@@ -68,7 +68,7 @@ class Phase:
     predicted: int
 
 
-# --- the cost model of each phase (chapter 09's formulas), shared by the emulator and program() -------
+# --- the cost model of each phase (chapter 10's formulas), shared by the emulator and program() -------
 
 
 def gemv_phase(wafer: Wafer, out: int, inp: int, rect, turned: bool, finish: int, levels: int = 2) -> int:
@@ -102,7 +102,7 @@ def program(config, placement: Placement, position: int, levels: int = 2) -> lis
     """The cost model's (phase, stage, cycles) of one token at ``position`` for the emulator's program
     on ``placement``, without running it: the same phases, on grids of any size (WSE-2 included).
 
-    Built in: 13_emulation
+    Built in: 14_emulation
     """
     w, rects, names = placement.wafer, placement.rects, [s.name for s in placement.stages]
     c, t = config.n_embd, position + 1
@@ -131,7 +131,7 @@ class Emulator:
     """``model`` (a minigpt GPT) loaded onto a ``wafer`` grid with ``placement`` (by default
     FLOP-proportional strips in one column), run one token at a time.
 
-    Built in: 13_emulation
+    Built in: 14_emulation
     """
 
     def __init__(self, model, placement: Placement | None = None, wafer: Wafer = TOY, levels: int = 2):

@@ -12,7 +12,7 @@ here by arithmetic, A an assumption of this book where nothing is published. Den
 are kept apart, and the clock is a field, because published cycle-to-time conversions use two
 different clocks for WSE-2 (850 MHz in the vendor's examples, 1.1 GHz in WaferLLM).
 
-Built in: 08_wafer
+Built in: 09_wafer
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ GPU_DTYPE: Dtype = "bf16"
 def positive_int(name: str, value: object) -> int:
     """``value`` if it is a positive integer (not a bool); else a ValueError naming ``name``.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -52,7 +52,7 @@ def positive_int(name: str, value: object) -> int:
 def dtype_bytes(dtype: str) -> int:
     """Bytes per element of ``dtype`` (``fp32``, ``fp16`` or ``bf16``).
 
-    Built in: 08_wafer
+    Built in: 09_wafer
     """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPE_BYTES)}")
@@ -71,7 +71,7 @@ class Wafer:
     neighbour takes ``hop_cycles``; a wavelet that a PE must receive, process and send on (a software
     routing stage) costs ``stage_cycles`` more.
 
-    Built in: 08_wafer
+    Built in: 09_wafer
     """
 
     name: str
@@ -136,7 +136,7 @@ class Wafer:
 class GPU:
     """A GPU for comparison: dense and sparse 16-bit peaks, HBM capacity and bandwidth.
 
-    Built in: 08_wafer
+    Built in: 09_wafer
     """
 
     name: str
@@ -163,7 +163,7 @@ class Cluster:
     """``systems`` wafer systems with MemoryX (off-wafer weights and optimizer state, which also does
     the update) and SwarmX (broadcasts weights to the systems and reduces their gradients in a tree).
 
-    Built in: 08_wafer
+    Built in: 09_wafer
     """
 
     wafer: Wafer
@@ -187,14 +187,14 @@ class Cluster:
 # --- presets ------------------------------------------------------------------------------------------
 # stage_cycles (A): the PLMR model (WaferLLM, He et al. 2025) says only that a software routing stage
 # costs more than a hop (beta > alpha). We take 2 cycles: one to receive into the PE, one for the FMAC
-# that adds and re-injects. Chapter 09 shows how the predictions move with it.
+# that adds and re-injects. Chapter 10 shows how the predictions move with it.
 
 # WSE-1 against SC20 (Rocki et al. 2020, arXiv 2010.03660): 0.86 PFLOP/s, "about one third of the
 # machine's peak", so a peak near 2.6 PFLOP/s. With 4 fp16 FMACs (8 FLOPs) a cycle that is 0.90 GHz on
 # the 600 x 595 PEs the solver used, or 0.81 GHz on the marketed 400,000 cores; at this preset's 1.1 GHz
 # the 0.86 PFLOP/s is 27% (600 x 595) or 24% (400,000) of peak. With one fp32 FMAC a cycle the peak at
 # 1.1 GHz is 0.79 to 0.88 PFLOP/s, so 0.86 would be nearly all of it: the third is of a 16-bit SIMD
-# peak. No source we cite gives WSE-1's clock, so 1.1 GHz stays an assumption (chapter 08 prints this).
+# peak. No source we cite gives WSE-1's clock, so 1.1 GHz stays an assumption (chapter 09 prints this).
 WSE1 = Wafer(
     name="WSE-1",
     width=600, height=595,  # D (a lower bound): SC20 (Rocki et al.) put a 600 x 595 mesh, one column per PE
@@ -223,7 +223,7 @@ WSE2 = Wafer(
     # sparsity) over its 16 CS-2 systems; the vendor quotes no per-system figure. Not dense.
     sram_bytes_published=40e9,  # P/S: vendor, "40 GB"
     power_w=15_000,  # A: no published CS-2 system power found; the press gave the CS-1 20 kW, 15 kW of it
-    # the wafer's (TechSpot, 2019). Chapter 12 shows its energy figures at 15 and 23 kW.
+    # the wafer's (TechSpot, 2019). Chapter 13 shows its energy figures at 15 and 23 kW.
 )
 
 WSE3 = Wafer(

@@ -10,7 +10,7 @@ open models are in :mod:`wafer.shape`; every function also takes what
 
 A model too large for one region is spread over several P x P regions, each holding a run of
 consecutive layers (layer pipelining between regions, as WaferLLM does). Inside a region, each
-layer's matrix products run on the whole P x P grid with chapter 09's algorithms:
+layer's matrix products run on the whole P x P grid with chapter 10's algorithms:
 
 - **decode** (one new token): every product is a GEMV: the input down the columns, the local
   products, a 2-level tree reduction along the rows (:func:`wafer.cost.gemv_cycles`). Attention over
@@ -36,7 +36,7 @@ buffers not counted). :func:`kv_rows` says which row of PEs holds each cached to
 Energy: :func:`joules_per_token` charges a decode, a prefill or a GPU roofline with its machine's
 nameplate power (``power_w``) for the time each token takes.
 
-Built in: 12_inference
+Built in: 13_inference
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from wafer.target import Target
 class Layout:
     """How a model sits on a wafer in P x P regions.
 
-    Built in: 12_inference
+    Built in: 13_inference
     """
 
     side: int
@@ -75,7 +75,7 @@ def layout(shape: Shape, wafer: Wafer, side: int, dtype: str = MODEL_DTYPE,
     regions as the grids hold as squares, the layers shared out evenly; or ``layers_per_region`` each,
     as long as the grids have that many regions' worth of PEs. Raises if the layers do not fit.
 
-    Built in: 12_inference
+    Built in: 13_inference
     """
     shape = Shape.from_config(shape)
     if not isinstance(side, int) or side < 1 or side > min(wafer.width, wafer.height):
@@ -107,7 +107,7 @@ def layout(shape: Shape, wafer: Wafer, side: int, dtype: str = MODEL_DTYPE,
 def min_wafers(shape: Shape, wafer: Wafer, side: int, dtype: str = MODEL_DTYPE, most: int = 64) -> int:
     """The fewest wafers whose ``side`` x ``side`` regions hold ``shape`` (layer-pipelined across them).
 
-    Built in: 12_inference
+    Built in: 13_inference
     """
     for n in range(1, most + 1):
         try:
@@ -127,7 +127,7 @@ def _check_inference(target: Target) -> None:
 class Decode:
     """One decode step on the wafer: each phase's share of it, in seconds, and the rate.
 
-    Built in: 12_inference
+    Built in: 13_inference
     """
 
     weights_s: float  # every layer's products with weights, as GEMVs
@@ -146,7 +146,7 @@ def decode(shape: Shape, target: Target, side: int, levels: int = 2, wafers: int
     the head as one more GEMV. Over ``wafers`` wafers, the activations cross from one to the next at
     the system's I/O rate plus a switch's latency (:data:`wafer.streaming.SWARMX_LEVEL_S`, assumed).
 
-    Built in: 12_inference
+    Built in: 13_inference
     """
     _check_inference(target)
     shape = Shape.from_config(shape)
@@ -172,7 +172,7 @@ def decode(shape: Shape, target: Target, side: int, levels: int = 2, wafers: int
 class Prefill:
     """A prompt's prefill on the wafer: ``seconds`` for the whole prompt, and prompt tokens per second.
 
-    Built in: 12_inference
+    Built in: 13_inference
     """
 
     seconds: float
@@ -184,7 +184,7 @@ def prefill(shape: Shape, target: Target, side: int, method: str = "interleave",
     region: each product a GEMM (prompt x inputs by inputs x outputs), attention two GEMMs, the head
     one product for the last token only.
 
-    Built in: 12_inference
+    Built in: 13_inference
     """
     _check_inference(target)
     shape = Shape.from_config(shape)
@@ -209,7 +209,7 @@ class GpuRoofline(Roofline):
     """A decode step or a prefill on one GPU by the roofline (times in seconds), and its tokens per
     second.
 
-    Built in: 12_inference
+    Built in: 13_inference
     """
 
     tokens_per_s: float
@@ -219,7 +219,7 @@ def gpu_decode(shape: Shape, gpu: GPU, context: int, dtype: str = GPU_DTYPE) -> 
     """One decode step on one GPU by the roofline, ``context`` tokens cached: every weight and the
     cache read from HBM once, 2 FLOPs per weight and 4 per cached K or V value per query head group.
 
-    Built in: 12_inference
+    Built in: 13_inference
     """
     positive_int("context", context)
     shape = Shape.from_config(shape)
@@ -234,7 +234,7 @@ def gpu_prefill(shape: Shape, gpu: GPU, prompt: int, dtype: str = GPU_DTYPE) -> 
     """Prefill of ``prompt`` tokens on one GPU by the roofline: 2 FLOPs per weight per token and the
     attention's 4 d n^2 per layer, the weights read once.
 
-    Built in: 12_inference
+    Built in: 13_inference
     """
     positive_int("prompt", prompt)
     shape = Shape.from_config(shape)
@@ -257,7 +257,7 @@ def kv_rows(tokens: int, side: int, kind: str = "shift") -> list[int]:
     contiguous runs of tokens, oldest at the bottom, floor or ceil of ``tokens / side`` each (the
     extra ones in the bottom rows), so no PE holds more than ceil(tokens / side).
 
-    Built in: 12_inference
+    Built in: 13_inference
     """
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
         raise ValueError(f"tokens={tokens!r} must be an integer >= 0")
@@ -287,7 +287,7 @@ def joules_per_token(result: Decode | Prefill | GpuRoofline, machine: Wafer | GP
     after another, ``machines`` = the wafers charges every wafer for the whole step; ``machines`` = 1
     charges only the one at work, as if the others drew nothing.
 
-    Built in: 12_inference
+    Built in: 13_inference
     """
     positive_int("machines", machines)
     if not machine.power_w > 0:

@@ -29,7 +29,7 @@ The kernels, each as its paper ran it:
 - :func:`decode` -- one decode step of a model on P x P regions, with every GEMV and the small vector
   operations (norms, rotary embedding, activation, residuals) as instructions.
 
-Built in: 14_calibration
+Built in: 15_calibration
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from wafer.target import Target
 class PECosts:
     """The constants of a PE's vector instructions (cycles and bytes per cycle, per PE).
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
 
     # A: two 64-bit reads and one 64-bit write per cycle, the ports a 4-wide fp16 FMAC needs (it reads
@@ -58,7 +58,7 @@ class PECosts:
     sram_read_bytes_per_cycle: int = 16
     sram_write_bytes_per_cycle: int = 8
     # A: cycles to start one vector instruction (set up its descriptors, issue it). No figure is
-    # published; chapter 14 shows that WaferLLM's GEMV bounds it to a few cycles.
+    # published; chapter 15 shows that WaferLLM's GEMV bounds it to a few cycles.
     op_start_cycles: int = 4
     # Calibrated: FMACs per cycle a long fp32 loop sustains (the peak is 1, WaferLLM). Set by
     # calibrate_fp32_rate from Miyajima et al.'s SGEMM (349.0 TFLOP/s, 33,000^2 on 750 x 750 PEs).
@@ -89,7 +89,7 @@ def rate(wafer: Wafer, costs: PECosts, dtype: str, reads: int = 2, writes: int =
     ``writes`` to it: the SIMD width of ``dtype`` (the calibrated rate for fp32), or less where the
     SRAM ports cannot feed it.
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
     b = dtype_bytes(dtype)
     simd = costs.fp32_fmacs_per_cycle if dtype == "fp32" else wafer.fmacs_per_cycle(dtype)
@@ -105,7 +105,7 @@ def instruction_cycles(n: int, wafer: Wafer, costs: PECosts, dtype: str, reads: 
                        writes: int = 1) -> float:
     """Cycles of one vector instruction over ``n`` elements: its start-up plus n at :func:`rate`.
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
     if n < 1:
         return 0.0
@@ -117,7 +117,7 @@ class KernelCycles:
     """A kernel's cycles by phase (``compute`` on the PE, ``communicate`` on the fabric), its
     ``total``, and the FLOPs it does, so that ``flops / seconds`` is its rate.
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
 
     compute: float
@@ -146,7 +146,7 @@ def gemv(wafer: Wafer, n: int, p: int, costs: PECosts = IDEAL, dtype: str = "fp1
     With :data:`IDEAL` costs this is :func:`wafer.cost.gemv_cycles`' product plus
     :func:`wafer.cost.allreduce_cycles`, which the simulator checks.
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
     _divides(n, p, "gemv")
     b = n // p
@@ -161,7 +161,7 @@ def summa_gemm(wafer: Wafer, n: int, p: int, costs: PECosts = IDEAL, dtype: str 
     (:func:`wafer.cost.gemm_cycles`' SUMMA communication, phases not overlapped), then each PE does
     its block product as one FMAC instruction per (k, j) pair, each over a column of n/p values.
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
     _divides(n, p, "summa_gemm")
     b = n // p
@@ -178,7 +178,7 @@ def cannon_gemm(wafer: Wafer, m: int, k: int, n: int, p: int, costs: PECosts = I
     runs over: ``"m"``, a column of C (ceil(m / p) long, one instruction per (k, j) pair, as the SGEMM's
     SUMMA does), or ``"n"``, a row of C (ceil(n / p) long, one per (i, k) pair).
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
     bm, bk, bn = math.ceil(m / p), math.ceil(k / p), math.ceil(n / p)
     if along not in ("m", "n"):
@@ -197,7 +197,7 @@ def calibrate_fp32_rate(published_flops_per_s: float = 349.0e12, n: int = 33_000
     at ``published_flops_per_s`` (Miyajima et al.: 349.0 TFLOP/s at 33,000 x 33,000 on 750 x 750
     PEs of a CS-2). The kernel's cycles are linear in 1 / rate, so this solves it exactly.
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
     cycles = 2.0 * n ** 3 / published_flops_per_s * wafer.clock_hz
     b = n // p
@@ -228,7 +228,7 @@ def bicgstab(wafer: Wafer, nz: int, costs: PECosts = IDEAL, dtype: str = "fp16",
 
     FLOPs: 13 per point per stencil product, 2 per dot product, 2 per update: 46 per point.
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
     positive_int("nz", nz)
     spmv_compute = 7 * instruction_cycles(nz, wafer, costs, dtype, reads=3)
@@ -249,7 +249,7 @@ def bicgstab(wafer: Wafer, nz: int, costs: PECosts = IDEAL, dtype: str = "fp16",
 # Decode/WSE-2/src/decode.csl): (what, instructions, the vector they run over, vectors read, written).
 # The vector is the PE's piece of the hidden size ("d"), of half of it ("d/2", the rotary pairs), of
 # the MLP's width ("ffn") or of the cached tokens ("context"). Its per-element scalar loops (the SiLU,
-# the exponent in the softmax, a square root per norm) are not modelled: chapter 14 names them.
+# the exponent in the softmax, a square root per norm) are not modelled: chapter 15 names them.
 LAYER_VECTOR_OPS = (("norms: square, sum, scale (x2)", 6, "d", 1, 1),
                     ("rotary of q and k: 4 products, a difference, a sum (x2)", 12, "d/2", 2, 1),
                     ("zero the products' outputs", 9, "d", 0, 1),
@@ -263,7 +263,7 @@ class DecodeKernel:
     """A decode step on the wafer with the PE's instructions: the analytic model's step
     (:func:`wafer.inference.decode`) and what the instructions add, in seconds; the rate.
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
 
     analytic_s: float  # wafer.inference.decode: products at the FMAC peak, collectives
@@ -280,7 +280,7 @@ def decode(shape: Shape, target: Target, side: int, costs: PECosts = WSE2_COSTS,
     the SRAM-port rate), and each layer's small vector operations (:data:`LAYER_VECTOR_OPS`) over the
     PE's piece of the vector each runs over.
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
     shape = Shape.from_config(shape)
     wafer, dtype = target.wafer, target.dtype
@@ -308,7 +308,7 @@ def decode(shape: Shape, target: Target, side: int, costs: PECosts = WSE2_COSTS,
 def with_reserve(wafer: Wafer, costs: PECosts = WSE2_COSTS) -> Wafer:
     """``wafer`` with each PE's SRAM less ``costs.sram_reserve_bytes`` (code, tasks and buffers).
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
     left = wafer.sram_bytes_per_pe - costs.sram_reserve_bytes
     if left < 1:
@@ -327,7 +327,7 @@ def prefill(shape: Shape, target: Target, side: int, costs: PECosts = WSE2_COSTS
     product (``"best"``). With :data:`IDEAL` costs it is the FMAC-peak model of
     :func:`wafer.inference.prefill`, whole cycles aside.
 
-    Built in: 14_calibration
+    Built in: 15_calibration
     """
     if along not in ("m", "n", "best"):
         raise ValueError(f"along={along!r} is not one of ('m', 'n', 'best')")

@@ -27,7 +27,7 @@ What it holds:
 - ``MeshError``; ``Mesh``: the grid, its routes, its PEs' memory and tasks, and ``Mesh.run``, which
   steps a ``_Run`` (the run's queues and counts) to completion.
 
-Built in: 09_mesh
+Built in: 10_mesh
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class Report:
     """What a run measured. ``link_wavelets[y, x, p]`` counts wavelets sent from PE (x, y) through
     port p (0 ramp = delivered to the PE, 1-4 north, south, east, west).
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     cycles: int
     link_wavelets: np.ndarray
@@ -153,7 +153,7 @@ class MeshError(ValueError):
 class Mesh:
     """A ``width`` x ``height`` grid with the per-PE facts of ``wafer`` (TOY by default: WSE-2's PE).
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
 
     def __init__(self, width: int, height: int, wafer: Wafer = TOY):

@@ -3,7 +3,7 @@ rows balanced per column by :func:`column_rows`, widths and stages moved between
 strategies of :data:`wafer.strategies.STRATEGIES` compete, and polishes the best column layout on the
 full evaluation.
 
-Built in: 10_placement
+Built in: 11_placement
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def column_rows(time: StageTime, stages: list[int], need_pes, width: int, height
     further row goes to the stage that is slowest at that moment, unless a row would not speed it up
     (its time is bound by its width), and then to the next slowest. None if the memory does not fit.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     rows = [max(1, -(-int(p) // width)) for p in need_pes]
     spare = height - sum(rows)
@@ -194,7 +194,7 @@ def optimize(stages: list[Stage], target: Target) -> Placement:
     compete too. Raises :class:`~wafer.stages.DoesNotFit` if the model cannot fit, and ValueError if
     no placement found fits.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     scored = [(evaluate(p), p) for p in _candidates(stages, target)]
     feasible = [(e.tokens_per_s, i) for i, (e, _) in enumerate(scored) if e.feasible]

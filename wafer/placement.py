@@ -19,7 +19,7 @@ The evaluation's model, its assumptions stated once:
 
 - A stage's compute takes FLOPs / (2 x FMACs per cycle x PEs) cycles per token: the stage's PEs
   share its work evenly and run at peak.
-- A stage's matrix products run as chapter 09's GEMV on its w x h rectangle: the top PE of each
+- A stage's matrix products run as chapter 10's GEMV on its w x h rectangle: the top PE of each
   column sends the column's share of every product's input down the column, and each row reduces
   its share of the outputs in a chain toward its first column. With tokens pipelined, what limits
   throughput is bandwidth, not latency, and the tightest link is a PE's **ramp**: a PE inside the
@@ -42,7 +42,7 @@ The evaluation's model, its assumptions stated once:
   gradients, 32-bit master weights and two Adam moments) and one sequence's activations for the
   backward pass.
 
-Built in: 10_placement
+Built in: 11_placement
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from wafer.target import Target
 class Rect:
     """A rectangle of PEs: columns x .. x + w - 1, rows y .. y + h - 1.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
 
     x: int
@@ -107,7 +107,7 @@ class Placement:
     """Stages and their rectangles on ``target``'s wafer (for its mode, context and number format);
     ``strategy`` names what made it.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
 
     target: Target
@@ -152,7 +152,7 @@ class Problem:
     PE has) or ``"colors"`` (a PE of the stage routes more colors than it has); ``message`` says so
     with the numbers.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
 
     kind: ProblemKind
@@ -167,7 +167,7 @@ class Problem:
 class Evaluation:
     """What a placement achieves. Times are cycles per token.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
 
     compute: np.ndarray
@@ -206,7 +206,7 @@ def transfer_band(a: Rect, b: Rect) -> Band:
     PE it enters, from the north or from the west) and the box of PEs that route its lanes, endpoints
     included.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     ox = min(a.x1, b.x1) - max(a.x, b.x)
     oy = min(a.y1, b.y1) - max(a.y, b.y)
@@ -233,7 +233,7 @@ def gemv_shares(stage: Stage, r: Rect, dtype: str) -> tuple[int, int]:
     the column from its top PE (none on a one-row rectangle), and each row's share of the outputs,
     reduced along the row toward its first column (none on a one-column rectangle).
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     down = -(-wavelets(stage.matmul_in, dtype) // r.w) if r.h > 1 else 0
     along = -(-wavelets(stage.matmul_out, dtype) // r.h) if r.w > 1 else 0
@@ -246,7 +246,7 @@ def internal_cycles(stage: Stage, w: int, h: int, dtype: str) -> int:
     wavelet per cycle. (Training's backward streams the same amounts the opposite way: the other
     direction of each link and ramp.)
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     return sum(gemv_shares(stage, Rect(0, 0, w, h), dtype))
 
@@ -257,7 +257,7 @@ def lane_ends(a: Rect, b: Rect) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     nested L shapes that leave ``a`` across its side facing ``b`` and enter ``b`` across its side
     facing ``a``, the lane nearest ``b`` turning first (so that no two cross).
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     if min(a.x1, b.x1) > max(a.x, b.x):  # shared columns
         xs = np.arange(max(a.x, b.x), min(a.x1, b.x1))
@@ -278,7 +278,7 @@ def lanes(a: Rect, b: Rect) -> list[list[tuple[int, int]]]:
     """The PEs of each lane of a transfer from ``a`` to ``b``, sender first (see :func:`lane_ends`):
     straight, or down (up) the sender's column and then along the receiver's row.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     out = []
     for xa, ya, xb, yb in zip(*(v.tolist() for v in lane_ends(a, b))):
@@ -295,7 +295,7 @@ def ramp_cycles(stage: Stage, r: Rect, dtype: str, into=None, out_of=None) -> in
     receives) and, on the PEs at the ends of lanes, the lanes'. ``into`` and ``out_of`` are
     (columns, rows, wavelets per lane) of the lanes that end and start in the stage.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     down, along = gemv_shares(stage, r, dtype)
     most = down + along  # a PE inside the rectangle
@@ -356,7 +356,7 @@ def evaluate(p: Placement) -> Evaluation:
     """Stage times, throughput, latency, utilisation, SRAM and colors of a placement (see the
     module's assumptions).
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     w, t = p.wafer, p.target
     area = np.array([r.area for r in p.rects], dtype=float)
@@ -402,7 +402,7 @@ def against_traffic(p: Placement) -> list[tuple[str, str]]:
     broadcasts and reductions. Empty for placements in columns of strips (tested); recursive
     bisection makes some.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     owner = np.full((p.wafer.height, p.wafer.width), -1)
     for i, r in enumerate(p.rects):

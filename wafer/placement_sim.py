@@ -4,7 +4,7 @@ its throughput, returned as :class:`Simulated`. The tests compare it with
 :func:`wafer.placement.evaluate`; the geometry both use (:func:`~wafer.placement.lanes` and
 :func:`~wafer.placement.gemv_shares`) is tested on its own against hand counts.
 
-Built in: 10_placement
+Built in: 11_placement
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from wafer.stages import stage_bytes, stage_flops
 class Simulated:
     """A placement run on the mesh simulator, and its cycles per token in steady state.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
 
     cycles_per_token: float  # the slowest stage's
@@ -104,7 +104,7 @@ def simulate(p: Placement, tokens: int | None = None) -> Simulated:
     instead of waiting, so the rate of each kind of work is measured on its own, not the moment the
     last of them finishes.)
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     if p.target.mode != "inference":
         raise ValueError(f"simulate runs inference placements; this one is for {p.target.mode}")

@@ -8,7 +8,7 @@ from a minigpt ``GPTConfig`` or ``GPT`` (or a Hugging Face GPT-2 model or config
 of four open models, from their published configs: :data:`LLAMA3_8B`, :data:`LLAMA2_13B`,
 :data:`CODELLAMA_34B` and :data:`QWEN2_72B`, with :data:`SHAPES` by name.
 
-Built in: 08_wafer (GPT-2's shape), 12_inference (grouped-query attention, gated MLPs)
+Built in: 09_wafer (GPT-2's shape), 13_inference (grouped-query attention, gated MLPs)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class Shape:
     every product and a shift in every norm; ``positions`` is the number of rows of a learned position
     table (GPT-2's block size), 0 for positions that hold no parameters (rotary).
 
-    Built in: 12_inference
+    Built in: 13_inference
     """
 
     name: str
@@ -56,7 +56,7 @@ class Shape:
         """GPT-2's shape from a minigpt ``GPTConfig`` or ``GPT``, or a Hugging Face GPT-2 model or
         config: multi-head attention, a 4x GELU MLP, learned positions, the head tied.
 
-        Built in: 08_wafer
+        Built in: 09_wafer
         """
         if isinstance(model_or_config, Shape):
             return model_or_config

@@ -7,7 +7,7 @@ SRAM per PE: inference holds 16-bit weights and the KV cache of one sequence; tr
 per parameter (16-bit weights and gradients, 32-bit master weights and two Adam moments) and one
 sequence's activations for the backward pass.
 
-Built in: 10_placement
+Built in: 11_placement
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def pipeline_stages(workload: Workload) -> list[Stage]:
     stage hold a copy of that matrix (an assumption: the lookup and the product sit at opposite
     ends of the pipeline).
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     out = []
     c = workload.n_embd
@@ -68,7 +68,7 @@ def pipeline_stages(workload: Workload) -> list[Stage]:
 def stage_bytes(stage: Stage, target: Target) -> int:
     """SRAM a stage needs on ``target`` (see the module's assumptions), in bytes.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     b = dtype_bytes(target.dtype)
     if target.mode == "inference":
@@ -96,7 +96,7 @@ def check_model_fits(stages: list[Stage], target: Target) -> None:
     """Raise :class:`DoesNotFit` if no placement can hold the model on ``target``: name the layer at
     which SRAM runs out.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     wafer, mode = target.wafer, target.mode
     available = wafer.pes * wafer.sram_bytes_per_pe

@@ -8,7 +8,7 @@ they share out (:func:`min_pes`, :func:`balanced_areas`), and the layouts in col
 stages (:func:`column_rects` builds one, :func:`column_layout` reads one back), which the optimizer
 and the explorer also use.
 
-Built in: 10_placement
+Built in: 11_placement
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def column_rects(groups: list[list[int]], widths: list[int], rows: list[list[int
     """Rectangles for stage groups laid out as side-by-side columns of the given widths, each column
     stacking its stages' rows top to bottom (bottom to top in every other column if ``serpentine``).
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     rects: dict[int, Rect] = {}
     x = 0
@@ -91,7 +91,7 @@ def column_layout(p: Placement) -> tuple[list[list[int]], list[int], list[list[i
     each stacking consecutive stages top to bottom, or in every other column bottom to top if
     serpentine).
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     cols: dict[int, list[int]] = {}
     for i, r in enumerate(p.rects):
@@ -121,7 +121,7 @@ def strips(stages: list[Stage], target: Target, *, columns: int | None = None, s
     by default), and each stage at least ``min_pes`` PEs (one per stage, or none); ``name`` labels
     the placement.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     wafer, n = target.wafer, len(stages)
     columns = default_columns(n, wafer) if columns is None else columns
@@ -138,7 +138,7 @@ def strips(stages: list[Stage], target: Target, *, columns: int | None = None, s
 def row_strips(stages: list[Stage], target: Target, *, columns: int | None = None) -> Placement:
     """Equal strips in layer order, top to bottom in each of ``columns`` columns.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     return strips(stages, target, columns=columns)
 
@@ -147,7 +147,7 @@ def serpentine_strips(stages: list[Stage], target: Target, *, columns: int | Non
     """Equal strips in layer order, every other column bottom to top, so that consecutive layers
     always share an edge.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     return strips(stages, target, columns=columns, serpentine=True)
 
@@ -155,7 +155,7 @@ def serpentine_strips(stages: list[Stage], target: Target, *, columns: int | Non
 def min_pes(stages: list[Stage], target: Target) -> np.ndarray:
     """The fewest PEs each stage's SRAM needs on ``target``.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     per_pe = target.wafer.sram_bytes_per_pe
     return np.array([math.ceil(stage_bytes(s, target) / per_pe) for s in stages])
@@ -166,7 +166,7 @@ def balanced_areas(stages: list[Stage], target: Target) -> np.ndarray:
     that fill the grid with max(memory minimum, lambda x FLOPs), lambda found by bisection. Raises
     :class:`~wafer.stages.DoesNotFit` if the model cannot fit.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     check_model_fits(stages, target)
     pes = target.wafer.pes
@@ -182,7 +182,7 @@ def balanced_areas(stages: list[Stage], target: Target) -> np.ndarray:
 def flop_proportional(stages: list[Stage], target: Target, *, columns: int | None = None) -> Placement:
     """Serpentine strips whose areas follow each stage's FLOPs (and cover its memory).
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     return strips(stages, target, columns=columns, serpentine=True, areas=balanced_areas(stages, target),
                   min_pes=min_pes(stages, target), name="FLOP-proportional")
@@ -192,7 +192,7 @@ def bisection(stages: list[Stage], target: Target) -> Placement:
     """Recursive bisection: split the layers where their areas balance, split the rectangle across
     its longer side in the same proportion, and recurse; neighbouring layers stay near each other.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     areas = balanced_areas(stages, target)
     need = min_pes(stages, target)

@@ -8,7 +8,7 @@ is its SRAM cap), the days to train (:func:`training_time`, a :class:`TrainingTi
 ``Shape.from_config`` reads, or a workload; weights and activations default to
 :data:`wafer.hardware.MODEL_DTYPE`.
 
-When a model's weights no longer fit in the wafer's SRAM (chapter 10), they live off the wafer in
+When a model's weights no longer fit in the wafer's SRAM (chapter 11), they live off the wafer in
 **MemoryX**, which also holds the optimizer state and does the update. The activations stay on the
 wafer. A training step, for each micro-batch:
 
@@ -29,7 +29,7 @@ The model, its assumptions stated once:
   and, in the backward pass, its gradients out (the other direction of the links), each at the
   system's I/O rate. Weights and gradients are 16-bit.
 - The embedding lookup streams only the rows the micro-batch reads; its gradient is those rows too.
-- The head streams the tied matrix itself (chapter 10's head holds its own copy; here nothing stays).
+- The head streams the tied matrix itself (chapter 11's head holds its own copy; here nothing stays).
 - The wafer holds two layers' weights (the one it computes with and the next, arriving) and the
   activations of one micro-batch kept for the backward pass: every layer's (``recompute=False``), or
   with **recomputation** only each layer's input, the backward pass recomputing the rest of the
@@ -41,7 +41,7 @@ The model, its assumptions stated once:
   the step waits until the embedding and the first block are updated (the next step reads them
   first), then for SwarmX's tree latency; their new weights stream in the next step's own slots.
 
-Built in: 11_streaming
+Built in: 12_streaming
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Run:
     """One phase of a published training run: ``systems`` CS-2s, ``batch`` sequences per step (the
     global batch, split evenly over the systems), ``steps`` steps.
 
-    Built in: 11_streaming
+    Built in: 12_streaming
     """
 
     systems: int
@@ -101,7 +101,7 @@ UPDATE_BYTES_PER_PARAM = 16  # fp16 weight, fp32 master weight, fp32 Adam m and 
 def swarmx_levels(cluster: Cluster) -> int:
     """Levels of the SwarmX tree that connects ``cluster.systems`` systems (0 for one system).
 
-    Built in: 11_streaming
+    Built in: 12_streaming
     """
     levels, reach = 0, 1
     while reach < cluster.systems:
@@ -115,7 +115,7 @@ def swarmx_seconds(nbytes: float, cluster: Cluster, level_s: float = SWARMX_LEVE
     the stream at one system's I/O rate (the switches assumed to reduce at line rate) plus a latency
     per level.
 
-    Built in: 11_streaming
+    Built in: 12_streaming
     """
     if nbytes < 0:
         raise ValueError(f"nbytes={nbytes!r} must be non-negative")
@@ -127,7 +127,7 @@ class StreamingStep:
     """One training step under weight streaming. Times in seconds; per-stage arrays are per
     micro-batch, in the forward order of ``stages``.
 
-    Built in: 11_streaming
+    Built in: 12_streaming
     """
 
     stages: list[str]
@@ -194,7 +194,7 @@ def max_micro_batch(model, cluster: Cluster, context: int | None = None, recompu
     """The most sequences a wafer of ``cluster`` holds in one micro-batch beside two layers of
     weights: the SRAM cap on the micro-batch (0 if not even one sequence fits).
 
-    Built in: 11_streaming
+    Built in: 12_streaming
     """
     work, stages = _stages(model, context, dtype)
     resident, per_seq = _memory(work, stages, cluster, recompute, dtype_bytes(dtype))
@@ -210,7 +210,7 @@ def weight_streaming(model, cluster: Cluster, batch: int, context: int | None = 
     ``micro_batch`` sequences per system at a time (by default the largest that fits in the wafer's
     SRAM, dividing the batch per system).
 
-    Built in: 11_streaming
+    Built in: 12_streaming
     """
     work, stages = _stages(model, context, dtype)
     context = work.context
@@ -284,7 +284,7 @@ class Bar:
     "update" in MemoryX, "boundary"), the stage it serves, what it does ("forward", "backward",
     "update", "boundary"), its start and end in seconds.
 
-    Built in: 11_streaming
+    Built in: 12_streaming
     """
 
     lane: str
@@ -301,7 +301,7 @@ def timeline(step: StreamingStep) -> list[Bar]:
     its start. MemoryX's updates start at ``step.update_start``; after the last slot comes the
     boundary, ``step.boundary`` long. Time 0 is the start of the micro-batch.
 
-    Built in: 11_streaming
+    Built in: 12_streaming
     """
     bars: list[Bar] = []
     t = 0.0
@@ -327,7 +327,7 @@ def timeline(step: StreamingStep) -> list[Bar]:
 class TrainingTime:
     """How long training takes: steps, seconds per step, days, and the FLOPs counted.
 
-    Built in: 11_streaming
+    Built in: 12_streaming
     """
 
     tokens: float
@@ -343,7 +343,7 @@ def training_time(model, tokens: float, cluster: Cluster, batch: int, context: i
     """Days to train ``model`` on ``tokens`` tokens on ``cluster``, weight-streamed, ``batch``
     sequences per step.
 
-    Built in: 11_streaming
+    Built in: 12_streaming
     """
     if not tokens >= 0 or math.isinf(tokens):
         raise ValueError(f"tokens={tokens!r} must be a non-negative, finite number of tokens")
@@ -359,7 +359,7 @@ def gpu_training_days(model, tokens: float, gpu: GPU, gpus: int, mfu: float,
     """Days to train ``model`` on ``tokens`` tokens on ``gpus`` GPUs that sustain ``mfu`` (model FLOPs
     utilisation) of their dense 16-bit peak, with the same FLOP count as :func:`training_time`.
 
-    Built in: 11_streaming
+    Built in: 12_streaming
     """
     if not tokens >= 0 or math.isinf(tokens):
         raise ValueError(f"tokens={tokens!r} must be a non-negative, finite number of tokens")

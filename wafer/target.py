@@ -2,7 +2,7 @@
 the context length and the number format, so that placement, its strategies, the optimizer and the
 emulator take one argument instead of four loose ones.
 
-Built in: 10_placement
+Built in: 11_placement
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Target:
     the optimizer's state and one sequence's activations (see :mod:`wafer.stages`). ``dtype``
     defaults to :data:`wafer.hardware.MODEL_DTYPE`, the package's format for a model on the wafer.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
 
     wafer: Wafer

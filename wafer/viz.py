@@ -2,7 +2,7 @@
 ``timeline`` (a bar per operation per PE) and ``phase_grid`` (when each PE ends each phase, laid out
 as on the mesh); and of a region's KV cache: ``kv_grid`` (which PEs hold each cached token).
 
-Built in: 09_mesh, 12_inference
+Built in: 10_mesh, 13_inference
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ PHASES = {"receive": ("recv",), "compute": (), "send and reduce": ("send", "redu
 def phase_of(label: str) -> str:
     """The phase of a timeline entry: its kind of operation, with every product counted as compute.
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     kind = label.split()[0]
     return next((name for name, kinds in PHASES.items() if kind in kinds), "compute")
@@ -73,7 +73,7 @@ def phase_ends(report: Report, width: int, height: int) -> dict[str, np.ndarray]
     """For each phase of :data:`PHASES`, a (height, width) array of the cycle at which each PE's last
     operation of that phase ends (-1 where a PE has none).
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     ends = {name: np.full((height, width), -1, dtype=np.int64) for name in PHASES}
     for x, y, label, _, end in report.timeline:
@@ -88,7 +88,7 @@ def phase_grid(report: Report, width: int, height: int, title: str = "", axes=No
     colour scale; a PE with no operation of that phase is drawn light gray and marked "none". Returns
     the axes.
 
-    Built in: 09_mesh
+    Built in: 10_mesh
     """
     ends = phase_ends(report, width, height)
     if axes is None:
@@ -117,7 +117,7 @@ def kv_grid(rows: list[int], side: int, capacity: int, title: str = "", ax=None,
     (as :func:`wafer.inference.kv_rows` gives it); the tokens past a row's capacity have no room and
     are counted as refused, in red at its right. Returns the axes.
 
-    Built in: 12_inference
+    Built in: 13_inference
     """
     from matplotlib.patches import Patch, Rectangle
 

@@ -1,8 +1,8 @@
-"""Widgets for the wafer chapters. For chapter 10's placement explorer: the models it offers
+"""Widgets for the wafer chapters. For chapter 11's placement explorer: the models it offers
 (:func:`explorer_models`), the placement it shows (:func:`place`, :func:`resize`), its map and bars
-(:func:`draw`), its readout and :class:`PlacementExplorer`; for chapter 11: :class:`TrainingEstimator`.
+(:func:`draw`), its readout and :class:`PlacementExplorer`; for chapter 12: :class:`TrainingEstimator`.
 
-Built in: 10_placement
+Built in: 11_placement
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ CHOICES = list(STRATEGIES) + ["optimized"]
 
 
 def explorer_models() -> dict:
-    """The models of chapter 10 and its placement explorer: name -> (GPTConfig, context).
+    """The models of chapter 11 and its placement explorer: name -> (GPTConfig, context).
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
     from minigpt.model import GPTConfig
     from minigpt.scaling import CEREBRAS_GPT
@@ -132,7 +132,7 @@ class PlacementExplorer:
 
     ``PlacementExplorer().widget`` is an ipywidgets box; displaying the explorer shows it.
 
-    Built in: 10_placement
+    Built in: 11_placement
     """
 
     def __init__(self, model: str = "GPT-2 small", wafer: str = "WSE-2", strategy: str = "serpentine",
@@ -213,7 +213,7 @@ class TrainingEstimator:
     the systems; read the days on a weight-streamed CS-2 cluster and on H100s of the same dense peak
     at a model FLOPs utilisation you choose.
 
-    Built in: 11_streaming
+    Built in: 12_streaming
     """
 
     def __init__(self, model: str = "1.3B", tokens_per_param: float = 20.0, systems: int = 4,

@@ -13,7 +13,7 @@ FLOP conventions (stated once, used everywhere):
 - Training = forward + backward, and the backward of a matrix product costs two products (a gradient
   for the input and one for the weights), so training matmul FLOPs are 3x forward.
 
-Built in: 08_wafer
+Built in: 09_wafer
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Op:
     final norm and the head. ``kind`` is ``matmul`` (a product with a weight matrix),
     ``attention`` (the two products between activations), ``vector`` or ``embedding`` (a lookup).
 
-    Built in: 08_wafer
+    Built in: 09_wafer
     """
 
     name: str
@@ -60,7 +60,7 @@ class Op:
 class Workload:
     """A model's operations for one token at a given context length, and the shape they came from.
 
-    Built in: 08_wafer
+    Built in: 09_wafer
     """
 
     ops: list[Op]
@@ -166,7 +166,7 @@ def gpt_workload(model_or_shape, context: int | None = None, dtype: str = MODEL_
     two halves and SwiGLU, biases and norm shifts when ``bias``, a head tied to the token embedding
     or owning its own matrix.
 
-    Built in: 08_wafer
+    Built in: 09_wafer
     """
     shape = Shape.from_config(model_or_shape)
     t = _context(shape, context)

@@ -35,7 +35,7 @@ def require_browser():
         pytest.skip(message)
 
 
-CHAPTERS = ("02_attention", "10_placement")
+CHAPTERS = ("02_attention", "11_placement")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Browser test: JupyterLab runs chapter 10, and changing the placement explorer's model and strategy
+"""Browser test: JupyterLab runs chapter 11, and changing the placement explorer's model and strategy
 changes its map and its throughput readout."""
 
 import pytest
@@ -26,7 +26,7 @@ def changed(page, old_readout, old_src):
 
 
 def test_model_and_strategy_change_the_map_and_the_throughput(lab):
-    with notebook_page(lab, "10_placement.ipynb", READOUT, "placement_explorer") as page:
+    with notebook_page(lab, "11_placement.ipynb", READOUT, "placement_explorer") as page:
         image = page.locator(".jp-OutputArea img.widget-image").first
         image.scroll_into_view_if_needed()
         wait_for_new_image(page, "")
