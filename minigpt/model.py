@@ -16,6 +16,7 @@ from torch import nn
 
 from minigpt.attention import MultiHeadAttention
 from minigpt.checks import positive_int
+from minigpt.moe import MoE
 
 
 @dataclass
@@ -38,6 +39,12 @@ class GPTConfig:
     mup_base_width: int | None = None
     mup_input_mult: float = 1.0  # muP: multiplies the sum of token and position embeddings
     mup_output_mult: float = 1.0  # muP: multiplies the logits, on top of base_width / n_embd
+    # Mixture of experts (chapter 08). 0: every block has the dense MLP (GPT-2). E >= 1: each block's
+    # MLP becomes E expert MLPs and a router sending each token to expert_top_k of them; the loss
+    # gains moe_aux_weight x the load-balancing loss (minigpt.moe).
+    n_expert: int = 0
+    expert_top_k: int = 2
+    moe_aux_weight: float = 0.01
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -58,6 +65,15 @@ class GPTConfig:
             if base is None and value != 1.0:
                 raise ValueError(f"{name}={value!r} is a muP multiplier: set mup_base_width too, or "
                                  f"leave it at 1.0")
+        if not isinstance(self.n_expert, int) or isinstance(self.n_expert, bool) or self.n_expert < 0:
+            raise ValueError(f"n_expert={self.n_expert!r} must be 0 (the dense MLP) or a positive integer")
+        if self.n_expert:
+            positive_int("expert_top_k", self.expert_top_k)
+            if self.expert_top_k > self.n_expert:
+                raise ValueError(f"expert_top_k={self.expert_top_k} must be at most n_expert="
+                                 f"{self.n_expert}: a token cannot go to more experts than there are")
+            if not (isinstance(self.moe_aux_weight, (int, float)) and 0 <= self.moe_aux_weight < math.inf):
+                raise ValueError(f"moe_aux_weight={self.moe_aux_weight!r} must be a finite number >= 0")
 
     @property
     def head_dim(self) -> int:
@@ -107,7 +123,7 @@ class Block(nn.Module):
                                        dropout=config.dropout, causal=True, use_sdpa=True,
                                        scale=config.attention_scale if config.mup else None)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.n_expert else MLP(config)  # MoE: E MLPs and a router
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache=cache)
@@ -215,7 +231,26 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            if self.config.n_expert and self.config.moe_aux_weight:
+                loss = loss + self.config.moe_aux_weight * self.moe_aux_loss()
         return logits, loss
+
+    def moe_aux_loss(self) -> torch.Tensor:
+        """The mean over blocks of the load-balancing loss of the last forward pass (each block's
+        ``mlp.aux_loss``): 1 when every block routes uniformly. ``forward`` adds ``moe_aux_weight``
+        times it to the loss when given targets. Only for a model with ``n_expert`` >= 1.
+
+        Built in: 08_model_parallel
+        """
+        if not self.config.n_expert:
+            raise ValueError("n_expert=0: a dense model has no load-balancing loss")
+        losses = []
+        for block in self.transformer.h:  # an MoE, or anything in its place with an aux_loss
+            loss = getattr(block.mlp, "aux_loss", None)
+            if not isinstance(loss, torch.Tensor):
+                raise ValueError("no load-balancing loss yet: run a forward pass first")
+            losses.append(loss)
+        return torch.stack(losses).mean()
 
     def lr_multipliers(self) -> dict[str, float]:
         """Parameter name -> factor on the learning rate. Under muP the hidden matrices (the weights
@@ -270,6 +305,8 @@ class GPT(nn.Module):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         c = self.config
+        if c.n_expert:
+            raise ValueError(f"n_expert={c.n_expert}: a mixture of experts has no GPT-2 equivalent")
         if not c.bias:
             raise ValueError("bias=False has no GPT-2 equivalent: GPT-2 has biases everywhere")
         if c.mup:
