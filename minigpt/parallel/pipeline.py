@@ -1,0 +1,400 @@
+"""Pipeline parallelism: a GPT's layers split into stages, one per process, and micro-batches passed
+from stage to stage by point-to-point sends, under two schedules written out.
+
+A stage holds a contiguous run of blocks (:class:`GPTStage`; the first also the embeddings, the last
+also the final LayerNorm, the head and the loss). A batch is cut into ``m`` micro-batches. Stage s
+runs micro-batch i's forward when stage s - 1 has sent its activations, and its backward when stage
+s + 1 has sent the gradient of those activations. Which of its ready pieces of work a stage does next
+is the *schedule* (:func:`schedule_order`):
+
+- **GPipe** (Huang et al., 2019): every forward, then every backward. Stage s holds the activations of
+  all ``m`` micro-batches at the turn.
+- **1F1B** (Narayanan et al., 2019, PipeDream): ``p - s - 1`` forwards to fill the pipe, then one
+  forward and one backward in turn, then the remaining backwards. Stage s holds at most ``p - s``.
+
+Both leave each stage idle for the same share of the step, the *bubble* ``(p - 1) / (m + p - 1)``
+(:func:`bubble_formula`), when every stage takes the same time. :func:`simulate_schedule` draws the
+ideal schedule from that assumption; :func:`run_schedule` runs a real one and records when each
+forward and backward started and ended, so that :func:`bubble_fraction` measures the bubble.
+
+Built in: 08_model_parallel
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from minigpt.checks import positive_int
+from minigpt.model import GPT, GPTConfig
+from minigpt.parallel.launch import shard_range
+
+SCHEDULES = ("gpipe", "1f1b")
+Event = tuple[str, int, float, float]  # ("F" or "B", micro-batch, start seconds, end seconds)
+
+
+def stage_layers(n_layer: int, stages: int) -> list[range]:
+    """The blocks each of ``stages`` stages holds: contiguous runs, as even as ``n_layer`` allows.
+
+    Built in: 08_model_parallel
+    """
+    positive_int("stages", stages)
+    if stages > n_layer:
+        raise ValueError(f"stages={stages} must be at most n_layer={n_layer}: each stage needs a block")
+    return [range(s.start, s.stop) for s in (shard_range(n_layer, r, stages) for r in range(stages))]
+
+
+class _StageBody(nn.Module):
+    """A stage's share of the GPT's ``transformer``: the embeddings (first stage), its blocks under
+    their global indices, the final LayerNorm (last stage). Copies, so stages never share a tensor."""
+
+    wte: nn.Embedding  # first stage only
+    wpe: nn.Embedding
+    drop: nn.Dropout
+    ln_f: nn.LayerNorm  # last stage only
+
+    def __init__(self, gpt: GPT, layers: range, first: bool, last: bool):
+        super().__init__()
+        if first:
+            self.wte = copy.deepcopy(gpt.transformer.wte)
+            self.wpe = copy.deepcopy(gpt.transformer.wpe)
+            self.drop = copy.deepcopy(gpt.transformer.drop)
+        # a ModuleDict keyed by the global index keeps the GPT's names: transformer.h.<i>.*
+        self.h = nn.ModuleDict({str(i): copy.deepcopy(gpt.transformer.h[i]) for i in layers})
+        if last:
+            self.ln_f = copy.deepcopy(gpt.transformer.ln_f)
+
+
+class GPTStage(nn.Module):
+    """Stage ``stage`` of ``stages`` of a GPT: a copy of its blocks, plus the embeddings on the first
+    stage and the final LayerNorm and head on the last. Parameter names are the GPT's
+    (``transformer.h.3.attn.c_attn.weight``), so a stage's gradients compare name by name with the
+    whole model's.
+
+    The GPT ties its head to the token embedding: one matrix, used at both ends. Here the two ends live
+    in different processes, so the last stage holds its own copy (``lm_head.weight``) and, after the
+    backward, the two copies' gradients are added (:func:`sync_tied_gradients`) as the GPT adds the two
+    uses' contributions into one ``.grad``.
+
+    Built in: 08_model_parallel
+    """
+
+    lm_head: nn.Linear  # last stage only
+
+    def __init__(self, gpt: GPT, stage: int, stages: int):
+        super().__init__()
+        config = gpt.config
+        layers = stage_layers(config.n_layer, stages)
+        if not 0 <= stage < stages:
+            raise ValueError(f"stage={stage} must be in [0, {stages})")
+        self.config, self.stage, self.stages = config, stage, stages
+        self.first, self.last = stage == 0, stage == stages - 1
+        self.layers = layers[stage]
+        self.transformer = _StageBody(gpt, self.layers, self.first, self.last)
+        if self.last:
+            self.lm_head = copy.deepcopy(gpt.lm_head)  # a copy of the tied matrix, untied
+            if self.first:  # one stage: the whole GPT, tied as it is
+                self.lm_head.weight = self.transformer.wte.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """First stage: token ids (B, T); other stages: hidden states (B, T, C). Returns hidden states
+        (B, T, C), or on the last stage the logits (B, T, vocab)."""
+        config = self.config
+        if self.first:
+            pos = torch.arange(x.shape[1], device=x.device)
+            x = self.transformer.wte(x) + self.transformer.wpe(pos)  # (B, T, C)
+            if config.mup and config.mup_input_mult != 1.0:
+                x = x * config.mup_input_mult
+            x = self.transformer.drop(x)
+        for block in self.transformer.h.values():
+            x = block(x)
+        if self.last:
+            x = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+            if config.mup:
+                x = x * (config.mup_output_mult / config.width_mult)
+        return x
+
+
+# --- schedules ---------------------------------------------------------------------------------------
+
+def schedule_order(schedule: str, stage: int, stages: int, micro_batches: int) -> list[tuple[str, int]]:
+    """The order in which stage ``stage`` runs its ``m`` forwards ("F", i) and backwards ("B", i).
+
+    GPipe: F0 ... F(m-1), then B0 ... B(m-1). 1F1B: ``w = min(p - s - 1, m)`` warm-up forwards, then
+    for each remaining micro-batch one forward and the backward of the oldest one held, then the ``w``
+    backwards left (the cool-down). Backwards run in micro-batch order in both, so the gradients a
+    stage receives arrive in the order it asks for them.
+
+    Built in: 08_model_parallel
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} must be one of {SCHEDULES}")
+    positive_int("micro_batches", micro_batches)
+    if not 0 <= stage < stages:
+        raise ValueError(f"stage={stage} must be in [0, {stages})")
+    m = micro_batches
+    if schedule == "gpipe":
+        return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
+    warm = min(stages - stage - 1, m)
+    order = [("F", i) for i in range(warm)]
+    for i in range(m - warm):
+        order += [("F", warm + i), ("B", i)]
+    return order + [("B", i) for i in range(m - warm, m)]
+
+
+def bubble_formula(stages: int, micro_batches: int) -> float:
+    """The idle share of a pipeline step when every stage's forward and backward take the same time:
+    the step lasts ``m + p - 1`` forward-and-backward slots, of which each stage is busy ``m``, so it
+    idles ``(p - 1) / (m + p - 1)`` of it (GPipe and 1F1B alike).
+
+    Built in: 08_model_parallel
+    """
+    positive_int("stages", stages)
+    positive_int("micro_batches", micro_batches)
+    return (stages - 1) / (micro_batches + stages - 1)
+
+
+def peak_in_flight_formula(schedule: str, stage: int, stages: int, micro_batches: int) -> int:
+    """How many micro-batches' activations stage ``stage`` holds at most: GPipe ``m``; 1F1B
+    ``min(p - s, m)``.
+
+    Built in: 08_model_parallel
+    """
+    order = schedule_order(schedule, stage, stages, micro_batches)  # validates the arguments
+    del order
+    return micro_batches if schedule == "gpipe" else min(stages - stage, micro_batches)
+
+
+def simulate_schedule(schedule: str, stages: int, micro_batches: int, forward: float = 1.0,
+                      backward: float = 2.0) -> list[list[Event]]:
+    """The ideal timeline: each stage runs its :func:`schedule_order`, every forward takes ``forward``
+    and every backward ``backward`` time units, messages arrive at once. A forward starts when the
+    stage is free and the previous stage has finished that micro-batch's forward; a backward when the
+    next stage has finished its backward (on the last stage: when its own forward has finished).
+    Returns each stage's events (kind, micro-batch, start, end).
+
+    Built in: 08_model_parallel
+    """
+    if not (forward > 0 and backward > 0):
+        raise ValueError(f"forward={forward} and backward={backward} must be positive durations")
+    orders = [schedule_order(schedule, s, stages, micro_batches) for s in range(stages)]
+    done: dict[tuple[str, int, int], float] = {}  # (kind, stage, micro-batch) -> end time
+    events: list[list[Event]] = [[] for _ in range(stages)]
+    free, nxt = [0.0] * stages, [0] * stages
+    while any(nxt[s] < len(orders[s]) for s in range(stages)):
+        progressed = False
+        for s in range(stages):
+            if nxt[s] == len(orders[s]):
+                continue
+            kind, i = orders[s][nxt[s]]
+            need = (("F", s - 1, i) if s > 0 else None) if kind == "F" else \
+                (("B", s + 1, i) if s < stages - 1 else ("F", s, i))
+            if need is not None and need not in done:
+                continue
+            start = max(free[s], done[need] if need is not None else 0.0)
+            end = start + (forward if kind == "F" else backward)
+            done[(kind, s, i)], free[s] = end, end
+            events[s].append((kind, i, start, end))
+            nxt[s] += 1
+            progressed = True
+        if not progressed:  # cannot happen for the two schedules here; a guard against a bad order
+            raise RuntimeError(f"schedule {schedule!r} deadlocks: no stage can start its next step")
+    return events
+
+
+def bubble_fraction(events: list[list[Event]]) -> float:
+    """The measured bubble: the share of the pipeline's step (from the first start on any stage to the
+    last end) in which a stage computed nothing, averaged over the stages. Waiting for a message counts
+    as idle, as it does on a real machine.
+
+    Built in: 08_model_parallel
+    """
+    if not events or not all(events):
+        raise ValueError("events must hold at least one event per stage")
+    start = min(e[2] for stage in events for e in stage)
+    end = max(e[3] for stage in events for e in stage)
+    busy = sum(e[3] - e[2] for stage in events for e in stage)
+    return 1.0 - busy / (len(events) * (end - start))
+
+
+# --- running a schedule in processes ------------------------------------------------------------------
+
+@dataclass
+class StageRun:
+    """What one stage recorded in one step: the batch's loss (on the last stage; 0 elsewhere), its
+    events (kind, micro-batch, start, end) in seconds of the machine's monotonic clock, the most
+    micro-batches whose activations it held at once, and the bytes autograd saved for the backward
+    (per micro-batch, and at the peak).
+
+    Built in: 08_model_parallel
+    """
+
+    loss: float
+    events: list[Event] = field(default_factory=list)
+    peak_in_flight: int = 0
+    saved_bytes: list[int] = field(default_factory=list)
+    peak_saved_bytes: int = 0
+
+    def as_dict(self) -> dict:
+        """Plain values, to travel back from a process."""
+        return {"loss": self.loss, "events": list(self.events), "peak_in_flight": self.peak_in_flight,
+                "saved_bytes": list(self.saved_bytes), "peak_saved_bytes": self.peak_saved_bytes}
+
+
+@contextmanager
+def _count_saved(module: nn.Module, into: list[int]) -> Iterator[None]:
+    """Add to ``into[0]`` the bytes of every tensor autograd saves for the backward inside the block,
+    parameters left out (they are held anyway) and each storage counted once."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen.add(ptr)
+            into[0] += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+def run_schedule(stage: GPTStage, schedule: str, idx: torch.Tensor, targets: torch.Tensor,
+                 micro_batches: int) -> StageRun:
+    """Run one training step's forwards and backwards of ``stage`` in this process, under ``schedule``,
+    over ``micro_batches`` equal slices of the batch ``idx``, ``targets`` (B, T) (every rank passes the
+    whole batch; the first stage reads ``idx``, the last ``targets``). Activations go to rank s + 1 and
+    their gradients come back to rank s - 1 by send and recv (tag: the micro-batch). Gradients
+    accumulate in ``.grad``: the last stage divides each micro-batch's summed cross-entropy by the
+    batch's count of targets, so the step's loss and gradients are the whole batch's mean.
+
+    The process group's rank must be the stage's index. Call :func:`sync_tied_gradients` afterwards.
+
+    Built in: 08_model_parallel
+    """
+    if dist.get_world_size() != stage.stages or dist.get_rank() != stage.stage:
+        raise ValueError(f"stage {stage.stage} of {stage.stages} must run on rank {stage.stage} of "
+                         f"{stage.stages}; this is rank {dist.get_rank()} of {dist.get_world_size()}")
+    positive_int("micro_batches", micro_batches)
+    if idx.shape[0] % micro_batches:
+        raise ValueError(f"batch of {idx.shape[0]} must split into micro_batches={micro_batches} "
+                         f"equal slices")
+    s = stage.stage
+    order = schedule_order(schedule, s, stage.stages, micro_batches)
+    # contiguous copies: a view would share (and be counted with) the whole batch's storage
+    xs = [c.clone() for c in idx.chunk(micro_batches)]
+    ys = targets.chunk(micro_batches)
+    n_targets = (targets != -100).sum()
+    dtype = next(stage.parameters()).dtype
+    shape = (xs[0].shape[0], xs[0].shape[1], stage.config.n_embd)
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    held: dict[int, int] = {}
+    run = StageRun(loss=0.0)
+    sends: list[dist.Work] = []
+    for kind, i in order:
+        if kind == "F":
+            if stage.first:
+                x = xs[i]
+            else:
+                x = torch.empty(shape, dtype=dtype)
+                dist.recv(x, s - 1, tag=i)
+                x.requires_grad_(True)
+            saved = [0]
+            start = time.perf_counter()
+            with _count_saved(stage, saved):
+                out = stage(x)
+                if stage.last:
+                    out = F.cross_entropy(out.flatten(0, 1).float(), ys[i].flatten(), ignore_index=-100,
+                                          reduction="sum") / n_targets
+            end = time.perf_counter()
+            if stage.last:
+                run.loss += out.item()
+            else:
+                sends.append(_isend(out.detach(), s + 1, tag=i))
+            inputs[i], outputs[i], held[i] = x, out, saved[0]
+            run.saved_bytes.append(saved[0])
+            run.peak_in_flight = max(run.peak_in_flight, len(held))
+            run.peak_saved_bytes = max(run.peak_saved_bytes, sum(held.values()))
+        else:
+            out, x = outputs.pop(i), inputs.pop(i)
+            grad = None
+            if not stage.last:
+                grad = torch.empty_like(out)
+                dist.recv(grad, s + 1, tag=i)
+            start = time.perf_counter()
+            torch.autograd.backward(out, grad)
+            end = time.perf_counter()
+            del held[i]
+            if not stage.first:
+                assert x.grad is not None  # the received activation requires its gradient
+                sends.append(_isend(x.grad, s - 1, tag=i))
+        run.events.append((kind, i, start, end))
+    for work in sends:
+        work.wait()
+    return run
+
+
+def _isend(tensor: torch.Tensor, peer: int, tag: int = 0) -> dist.Work:
+    work = dist.isend(tensor, peer, tag=tag)
+    if work is None:  # only a rank outside the group gets None; every stage is in it
+        raise RuntimeError(f"isend to rank {peer} was not posted")
+    return work
+
+
+def sync_tied_gradients(stage: GPTStage) -> None:
+    """Add the head's gradient (last stage) and the token embedding's (first stage) on both, as one
+    process adds the two uses of the tied matrix into one gradient. Nothing to do on one stage or on
+    the stages in between.
+
+    Built in: 08_model_parallel
+    """
+    if stage.stages == 1 or not (stage.first or stage.last):
+        return
+    mine = stage.transformer.wte.weight if stage.first else stage.lm_head.weight
+    peer = stage.stages - 1 if stage.first else 0
+    if mine.grad is None:
+        raise ValueError("run the backward (run_schedule) before syncing the tied gradients")
+    theirs = torch.empty_like(mine.grad)
+    work = _isend(mine.grad.clone(), peer)
+    dist.recv(theirs, peer)
+    work.wait()
+    mine.grad += theirs
+
+
+def pipeline_worker(rank: int, world: int, config: GPTConfig, seed: int, idx: torch.Tensor,
+                    targets: torch.Tensor, runs: list[tuple[str, int]], keep_grads: bool = True,
+                    warmup: bool = False, dtype: torch.dtype = torch.float32) -> list[dict]:
+    """For :func:`minigpt.parallel.launch.spawn`: build the GPT from ``seed`` (in ``dtype``),
+    keep stage ``rank`` of ``world``, and run one step per (schedule, micro-batches) in ``runs``, each
+    from zero gradients. Returns one dict per run: :meth:`StageRun.as_dict`, plus the stage's gradients
+    by parameter name when ``keep_grads``. ``warmup`` runs the first entry once, unrecorded, first
+    (the first step of a process allocates its memory and is slower).
+
+    Built in: 08_model_parallel
+    """
+    torch.manual_seed(seed)
+    stage = GPTStage(GPT(config).to(dtype), rank, world)
+    out = []
+    for n, (schedule, m) in enumerate(([runs[0]] if warmup else []) + list(runs)):
+        stage.zero_grad(set_to_none=True)
+        dist.barrier()  # every stage starts the step together
+        record = run_schedule(stage, schedule, idx, targets, m)
+        sync_tied_gradients(stage)
+        if warmup and n == 0:
+            continue
+        result = record.as_dict() | {"schedule": schedule, "micro_batches": m, "stage": rank}
+        if keep_grads:
+            result["grads"] = {name: p.grad.clone() for name, p in stage.named_parameters()
+                               if p.grad is not None}
+        out.append(result)
+    return out
