@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 from minigpt.model import GPT, GPTConfig
 from minigpt.parallel.launch import shard_range
-from minigpt.parallel.zero import fully_shard_gpt
+from minigpt.parallel.zero import fully_shard_gpt, train_zero
 
 CONFIG = dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -34,3 +34,16 @@ def fsdp_loss_and_grads(rank, world):
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     sharded = all(type(p).__name__ == "DTensor" for p in model.parameters())
     return {"loss": mean_loss / world, "grads": grads, "sharded": sharded}
+
+
+def everything(rank, world):
+    """All the checks in one group of processes (starting one costs seconds): FSDP2's gradients,
+    every stage in float64 and in mixed precision, stage 1 and 2 with several buckets in float32."""
+    out = {"fsdp": fsdp_loss_and_grads(rank, world)}
+    for stage in (0, 1, 2, 3):
+        out[f"fp64-{stage}"] = train_zero(rank, world, stage, CONFIG, precision="fp64")
+        out[f"mixed-{stage}"] = train_zero(rank, world, stage, CONFIG, precision="mixed")
+    for stage in (1, 2):
+        out[f"fp32-buckets-{stage}"] = train_zero(rank, world, stage, CONFIG, precision="fp32",
+                                                  bucket_numel=5000)
+    return out
