@@ -3,10 +3,19 @@ same gradients (and, on a data x tensor mesh, the same weights after AdamW steps
 
 import pytest
 import torch
-from parallel_tensor import dp_tp_adamw_steps, dtensor_tp_loss_and_grads, tiny_gpt
+import torch.nn.functional as F
+from parallel_tensor import both_tp_ways, dp_tp_adamw_steps, tiny_gpt
+from torch import nn
 
 from minigpt.parallel.launch import spawn
-from minigpt.parallel.tensor import qkv_from_tp, qkv_to_tp
+from minigpt.parallel.tensor import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    megatron_gpt,
+    qkv_from_tp,
+    qkv_to_tp,
+    tensor_parallel_bytes,
+)
 
 
 def batch(b: int = 4, t: int = 16, vocab: int = 64, seed: int = 1):
@@ -29,17 +38,43 @@ def test_qkv_regrouping_gives_each_rank_its_own_heads_and_inverts():
         qkv_to_tp(w, 10, 2)
 
 
-def test_dtensor_tensor_parallel_gpt_equals_one_process():
-    idx, targets = batch()
+def test_column_then_row_shards_add_up_to_the_full_linears():
+    torch.manual_seed(0)
+    fc, proj, x, world = nn.Linear(8, 16), nn.Linear(16, 8), torch.randn(3, 8), 4
+    cols = [ColumnParallelLinear(fc, r, world) for r in range(world)]
+    rows = [RowParallelLinear(proj, r, world) for r in range(world)]
+    h = [F.linear(x, c.weight, c.bias) for c in cols]  # each rank's slice of the hidden features
+    torch.testing.assert_close(torch.cat(h, dim=-1), fc(x))  # side by side: the full output
+    partial = [F.linear(torch.relu(hr), r.weight) for hr, r in zip(h, rows)]
+    # float32 partial sums added in another order than one matmul's: ~1e-7 relative
+    torch.testing.assert_close(sum(partial) + proj.bias, proj(torch.relu(fc(x))), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="out_features=16 must be divisible by world=3"):
+        ColumnParallelLinear(fc, 0, 3)
+    with pytest.raises(ValueError, match="rank=4 must be in"):
+        RowParallelLinear(proj, 4, 4)
+    with pytest.raises(ValueError, match="n_head=3 .* divisible by the tensor-parallel size 2"):
+        megatron_gpt(tiny_gpt(n_head=3, n_embd=24), 0, 2)
+
+
+def test_megatron_and_dtensor_tensor_parallel_equal_one_process_and_send_the_formulas_bytes():
+    b, t = 4, 16
+    idx, targets = batch(b, t)
     ref = tiny_gpt()
     _, loss = ref(idx, targets)
     loss.backward()
-    for out in spawn(dtensor_tp_loss_and_grads, 2, idx, targets, timeout=60):
-        # float64: the ranks add the same products in another order, so ~1e-15 relative; 1e-10 is loose
-        torch.testing.assert_close(out["loss"], loss.detach(), rtol=1e-10, atol=1e-12)
-        assert out["grads"].keys() == dict(ref.named_parameters()).keys()
-        for name, p in ref.named_parameters():
-            torch.testing.assert_close(out["grads"][name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
+    cfg = ref.config
+    # per block two all-reduces of (B, T, C) float64 forward, two backward
+    want = tensor_parallel_bytes(b, t, cfg.n_embd, cfg.n_layer, 2, bytes_per_value=8)
+    for out in spawn(both_tp_ways, 2, idx, targets, timeout=90):
+        for way in ("megatron", "dtensor"):
+            got = out[way]
+            # float64: the ranks add the same products in another order, so ~1e-16 relative; 1e-10 is loose
+            torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-10, atol=1e-12)
+            assert got["grads"].keys() == dict(ref.named_parameters()).keys()
+            for name, p in ref.named_parameters():
+                torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-9, atol=1e-12,
+                                           msg=f"{way} {name}")
+            assert got["fwd"] == got["bwd"] == (want["allreduces"] // 2, want["tensor_bytes"] / 2), way
 
 
 def test_data_x_tensor_mesh_equals_one_process_after_adamw_steps():

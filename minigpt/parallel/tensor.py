@@ -6,7 +6,7 @@ instead. In a block the split follows Shoeybi et al. (2019, arXiv:1909.08053):
 
 - the first matrix of each sublayer (attention's fused ``c_attn``, the MLP's ``c_fc``) is split by
   its output columns ("column parallel"): each rank computes its own slice of the features (its own
-  heads, its own quarter of the 4C hidden units) from the whole input, and needs no communication;
+  heads, its own share of the 4C hidden units) from the whole input, and needs no communication;
 - the second (``c_proj`` in both) is split by its input rows ("row parallel"): each rank multiplies
   its slice of the features by its rows and gets a partial sum of the output. One all-reduce adds the
   partial sums.
@@ -25,10 +25,16 @@ from __future__ import annotations
 from typing import cast
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import skip_init
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from minigpt.attention import MultiHeadAttention
-from minigpt.model import GPT, Block
+from minigpt.model import GPT, MLP, Block
+from minigpt.parallel.launch import shard_range
 
 # --- the fused query/key/value matrix -----------------------------------------------------------------
 
@@ -106,6 +112,201 @@ def _localize_attention(attn: MultiHeadAttention, tp: int) -> None:
     local = cast(LocalHeadsAttention, attn)
     local.full_embd = full
     local.n_embd, local.n_head = full // tp, attn.n_head // tp
+
+
+# --- written out: two collectives, two kinds of Linear ----------------------------------------------------
+
+
+class _CopyToTensorParallel(torch.autograd.Function):
+    """Megatron's f: forward the identity (every rank already holds the whole input); backward an
+    all-reduce, because each rank's column slice contributes its own part of the input's gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTensorParallel(torch.autograd.Function):
+    """Megatron's g: forward an all-reduce that adds the ranks' partial sums; backward the identity
+    (the sum's gradient with respect to each partial sum is the output's gradient itself)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def copy_to_tensor_parallel(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Identity forward, all-reduce of the gradient backward: where a replicated activation enters a
+    column-parallel layer.
+
+    Built in: 08_model_parallel
+    """
+    return _CopyToTensorParallel.apply(x, group)
+
+
+def reduce_from_tensor_parallel(x: torch.Tensor, group=None) -> torch.Tensor:
+    """All-reduce (sum) forward, identity backward: where a row-parallel layer's partial sums leave.
+
+    Built in: 08_model_parallel
+    """
+    return _ReduceFromTensorParallel.apply(x, group)
+
+
+def _check_shard(n: int, what: str, rank: int, world: int) -> slice:
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank={rank} must be in [0, world={world}) with world >= 1")
+    if n % world:
+        raise ValueError(f"{what}={n} must be divisible by world={world}")
+    return shard_range(n, rank, world)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Rank ``rank``'s slice of a Linear's OUTPUT features: rows ``shard_range(out, rank, world)`` of
+    the full weight (and bias). Forward: the whole input (B, T, in) -> this rank's (B, T, out / world);
+    the ranks' outputs side by side are the full Linear's output.
+
+    Built in: 08_model_parallel
+    """
+
+    def __init__(self, full: nn.Linear, rank: int, world: int, group=None):
+        super().__init__()
+        rows = _check_shard(full.out_features, "out_features", rank, world)
+        self.group = group
+        self.weight = nn.Parameter(full.weight.detach()[rows].clone())  # (out / world, in)
+        self.bias = None if full.bias is None else nn.Parameter(full.bias.detach()[rows].clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tensor_parallel(x, self.group), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Rank ``rank``'s slice of a Linear's INPUT features: columns ``shard_range(in, rank, world)`` of
+    the full weight. Forward: this rank's (B, T, in / world) -> a partial (B, T, out), all-reduced
+    into the full Linear's output; the bias (whole on every rank) is added once, after the sum.
+
+    Built in: 08_model_parallel
+    """
+
+    def __init__(self, full: nn.Linear, rank: int, world: int, group=None):
+        super().__init__()
+        cols = _check_shard(full.in_features, "in_features", rank, world)
+        self.group = group
+        self.weight = nn.Parameter(full.weight.detach()[:, cols].clone())  # (out, in / world)
+        self.bias = None if full.bias is None else nn.Parameter(full.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_from_tensor_parallel(F.linear(x, self.weight), self.group)
+        return y if self.bias is None else y + self.bias
+
+
+def megatron_gpt(model: GPT, rank: int, world: int, group=None) -> GPT:
+    """Split every block of ``model`` (the same model on every rank) in place, written out: each
+    rank keeps its heads (``c_attn`` column-parallel after :func:`qkv_to_tp`, ``c_proj``
+    row-parallel) and 1 / world of the MLP's hidden units (``c_fc`` column, ``c_proj`` row).
+    Embeddings, LayerNorms and the head stay whole: every rank computes them on the same, all-reduced
+    activations, so their gradients agree without communication. Parameter names are unchanged;
+    :func:`gather_tensor_parallel` puts the whole tensors back together.
+
+    Built in: 08_model_parallel
+    """
+    cfg = model.config
+    _check_split(cfg.n_head, cfg.n_embd, world)
+    for block in cast(list[Block], model.transformer.h):
+        attn, mlp = block.attn, cast(MLP, block.mlp)
+        w, b = attn.c_attn.weight, attn.c_attn.bias
+        # the same Linear with [q_0 | k_0 | v_0 | q_1 | ...] rows (skip_init: no random numbers drawn)
+        qkv = skip_init(nn.Linear, cfg.n_embd, 3 * cfg.n_embd, bias=b is not None, dtype=w.dtype)
+        with torch.no_grad():
+            qkv.weight.copy_(qkv_to_tp(w, cfg.n_embd, world))
+            if b is not None:
+                qkv.bias.copy_(qkv_to_tp(b, cfg.n_embd, world))
+        attn.add_module("c_attn", ColumnParallelLinear(qkv, rank, world, group))
+        attn.add_module("c_proj", RowParallelLinear(attn.c_proj, rank, world, group))
+        mlp.add_module("c_fc", ColumnParallelLinear(mlp.c_fc, rank, world, group))
+        mlp.add_module("c_proj", RowParallelLinear(mlp.c_proj, rank, world, group))
+        _localize_attention(attn, world)
+    return model
+
+
+def gather_tensor_parallel(model: GPT, grads: bool = False, group=None) -> dict[str, torch.Tensor]:
+    """Every parameter of a :func:`megatron_gpt` model (or its gradient, with ``grads``) whole, as
+    one process would hold it: column shards gathered along the output rows, row shards along the
+    input columns, ``c_attn``'s rows back to [q | k | v]. A collective: every rank must call it.
+
+    Built in: 08_model_parallel
+    """
+    world = dist.get_world_size(group)
+    out = {}
+    for name, p in model.named_parameters():  # the tied head counted once, as one process does
+        module_name, _, kind = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        t = p.grad if grads else p.detach()
+        if t is None:
+            raise ValueError(f"{name} has no gradient: run backward first")
+        dim = {ColumnParallelLinear: 0, RowParallelLinear: 1}.get(type(module))
+        if dim is not None and not (dim == 1 and kind == "bias"):  # a row-parallel bias is whole
+            pieces = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(pieces, t.contiguous(), group=group)
+            t = torch.cat(pieces, dim=dim)
+            if module_name.endswith("c_attn"):
+                t = qkv_from_tp(t, model.config.n_embd, world)
+        out[name] = t.clone()
+    return out
+
+
+class AllReduceCounter(TorchDispatchMode):
+    """Counts, while active, the all-reduces this process issues and the bytes of the tensors they
+    sum: ``dist.all_reduce`` (the ``c10d`` operator, as :func:`megatron_gpt` calls it) and the
+    functional all-reduce that DTensor calls (``_c10d_functional``). ``calls`` and ``tensor_bytes``;
+    a ring sends 2 (N - 1) / N of ``tensor_bytes`` from each rank.
+
+    Built in: 08_model_parallel
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls, self.tensor_bytes = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace in ("c10d", "_c10d_functional") and "all_reduce" in func.__name__.replace(
+                "allreduce", "all_reduce"):
+            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            self.calls += 1
+            self.tensor_bytes += max(t.numel() * t.element_size() for t in tensors)
+        return func(*args, **kwargs)
+
+
+def tensor_parallel_bytes(batch: int, seq: int, n_embd: int, n_layer: int, world: int,
+                          bytes_per_value: int = 4) -> dict[str, float]:
+    """What tensor parallelism sends in one training step: per block, two all-reduces of the (B, T, C)
+    activations forward (one per sublayer) and two of their gradients backward. ``tensor_bytes`` is
+    what the all-reduces carry (4 n_layer B T C values); ``sent_per_rank`` what each rank sends in a
+    ring all-reduce, 2 (N - 1) / N of it.
+
+    Built in: 08_model_parallel
+    """
+    for name, v in (("batch", batch), ("seq", seq), ("n_embd", n_embd), ("n_layer", n_layer),
+                    ("world", world), ("bytes_per_value", bytes_per_value)):
+        if not (isinstance(v, int) and v >= 1):
+            raise ValueError(f"{name}={v!r} must be a positive integer")
+    one = batch * seq * n_embd * bytes_per_value
+    tensor = 4 * n_layer * one
+    return {"allreduces": 4 * n_layer, "tensor_bytes": float(tensor),
+            "sent_per_rank": 2 * (world - 1) / world * tensor}
 
 
 # --- with torch's DTensor tools -------------------------------------------------------------------------

@@ -5,7 +5,14 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 from minigpt.model import GPT, GPTConfig
-from minigpt.parallel.tensor import dp_tp_gpt, qkv_from_tp, tensor_parallel_gpt
+from minigpt.parallel.tensor import (
+    AllReduceCounter,
+    dp_tp_gpt,
+    gather_tensor_parallel,
+    megatron_gpt,
+    qkv_from_tp,
+    tensor_parallel_gpt,
+)
 
 
 def tiny_gpt(seed: int = 0, **overrides) -> GPT:
@@ -28,14 +35,6 @@ def full_grads_and_weights(model: GPT, tp: int, grads: bool = True) -> dict:
     return out
 
 
-def dtensor_tp_loss_and_grads(rank, world, idx, targets):
-    mesh = init_device_mesh("cpu", (world,))
-    model = tensor_parallel_gpt(tiny_gpt(), mesh)
-    _, loss = model(idx, targets)
-    loss.backward()
-    return {"loss": loss.detach(), "grads": full_grads_and_weights(model, world)}
-
-
 def dp_tp_adamw_steps(rank, world, idx, targets, steps, lr):
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
     model = dp_tp_gpt(tiny_gpt(), mesh)
@@ -51,3 +50,25 @@ def dp_tp_adamw_steps(rank, world, idx, targets, steps, lr):
         opt.zero_grad()
         losses.append(loss.detach())
     return {"losses": torch.stack(losses), "weights": full_grads_and_weights(model, world // 2, grads=False)}
+
+
+def _counted_step(model, idx, targets):
+    """One forward and backward, the collectives of each counted apart."""
+    with AllReduceCounter() as fwd:
+        _, loss = model(idx, targets)
+    with AllReduceCounter() as bwd:
+        loss.backward()
+    return loss.detach(), (fwd.calls, fwd.tensor_bytes), (bwd.calls, bwd.tensor_bytes)
+
+
+def both_tp_ways(rank, world, idx, targets):
+    """The written-out layout and torch's DTensor one, on the same model, batch and processes."""
+    out = {}
+    model = megatron_gpt(tiny_gpt(), rank, world)
+    loss, fwd, bwd = _counted_step(model, idx, targets)
+    grads = gather_tensor_parallel(model, grads=True)
+    out["megatron"] = {"loss": loss, "grads": grads, "fwd": fwd, "bwd": bwd}
+    model = tensor_parallel_gpt(tiny_gpt(), init_device_mesh("cpu", (world,)))
+    loss, fwd, bwd = _counted_step(model, idx, targets)
+    out["dtensor"] = {"loss": loss, "grads": full_grads_and_weights(model, world), "fwd": fwd, "bwd": bwd}
+    return out
