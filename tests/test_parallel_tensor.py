@@ -1,21 +1,33 @@
-"""Tensor parallelism equals one process: the same GPT split over ranks gives the same loss and the
-same gradients (and, on a data x tensor mesh, the same weights after AdamW steps) as plain torch."""
+"""Tensor parallelism equals one process: the same GPT split over ranks (written out, and with torch's
+DTensor tools) gives the same loss and gradients as plain torch, with the all-reduces the formula
+counts; on a data x tensor mesh, the same weights after AdamW steps."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from parallel_tensor import both_tp_ways, dp_tp_adamw_steps, tiny_gpt
+from parallel_tensor import both_ways
 from torch import nn
 
+from minigpt.model import GPT, GPTConfig
 from minigpt.parallel.launch import spawn
 from minigpt.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
+    dp_tp_train,
     megatron_gpt,
     qkv_from_tp,
     qkv_to_tp,
     tensor_parallel_bytes,
+    tensor_parallel_step,
 )
+
+CONFIG = dict(block_size=16, vocab_size=64, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+
+
+def reference_gpt(seed: int = 0, **overrides) -> GPT:
+    """The one-process model: float64, so that only the order of the sums differs (~1e-16)."""
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**CONFIG, **overrides})).double()
 
 
 def batch(b: int = 4, t: int = 16, vocab: int = 64, seed: int = 1):
@@ -53,49 +65,46 @@ def test_column_then_row_shards_add_up_to_the_full_linears():
     with pytest.raises(ValueError, match="rank=4 must be in"):
         RowParallelLinear(proj, 4, 4)
     with pytest.raises(ValueError, match="n_head=3 .* divisible by the tensor-parallel size 2"):
-        megatron_gpt(tiny_gpt(n_head=3, n_embd=24), 0, 2)
+        megatron_gpt(reference_gpt(n_head=3, n_embd=24), 0, 2)
+    with pytest.raises(ValueError, match="way='pipeline'"):
+        tensor_parallel_step(0, 2, CONFIG, *batch(), way="pipeline")
+    assert tensor_parallel_bytes(2, 8, 16, 3, 4)["sent_per_rank"] == 2 * 3 / 4 * 4 * 3 * 2 * 8 * 16 * 4
 
 
 def test_megatron_and_dtensor_tensor_parallel_equal_one_process_and_send_the_formulas_bytes():
     b, t = 4, 16
     idx, targets = batch(b, t)
-    ref = tiny_gpt()
+    ref = reference_gpt()
     _, loss = ref(idx, targets)
     loss.backward()
-    cfg = ref.config
-    # per block two all-reduces of (B, T, C) float64 forward, two backward
-    want = tensor_parallel_bytes(b, t, cfg.n_embd, cfg.n_layer, 2, bytes_per_value=8)
-    for out in spawn(both_tp_ways, 2, idx, targets, timeout=90):
-        for way in ("megatron", "dtensor"):
-            got = out[way]
+    want = tensor_parallel_bytes(b, t, CONFIG["n_embd"], CONFIG["n_layer"], 2, bytes_per_value=8)
+    for ranks in spawn(both_ways, 2, CONFIG, idx, targets, timeout=90):
+        for way, out in ranks.items():
             # float64: the ranks add the same products in another order, so ~1e-16 relative; 1e-10 is loose
-            torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-10, atol=1e-12)
-            assert got["grads"].keys() == dict(ref.named_parameters()).keys()
+            torch.testing.assert_close(out["loss"], loss.detach(), rtol=1e-10, atol=1e-12)
+            assert out["grads"].keys() == dict(ref.named_parameters()).keys()
             for name, p in ref.named_parameters():
-                torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-9, atol=1e-12,
+                torch.testing.assert_close(out["grads"][name], p.grad, rtol=1e-9, atol=1e-12,
                                            msg=f"{way} {name}")
-            assert got["fwd"] == got["bwd"] == (want["allreduces"] // 2, want["tensor_bytes"] / 2), way
+            # per block one all-reduce of (B, T, C) per sublayer forward, one per sublayer backward
+            assert out["fwd"] == out["bwd"] == (want["allreduces"] // 2, want["tensor_bytes"] / 2), way
 
 
 def test_data_x_tensor_mesh_equals_one_process_after_adamw_steps():
     idx, targets = batch(b=4)
     steps, lr = 2, 1e-2
-    ref = tiny_gpt()
+    ref = reference_gpt()
     opt = torch.optim.AdamW(ref.parameters(), lr=lr, weight_decay=0.1)
-    losses = []
     for _ in range(steps):
         _, loss = ref(idx, targets)  # the global batch: the mean over 4 rows = mean of the 2 halves'
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(loss.detach())
-    outs = spawn(dp_tp_adamw_steps, 4, idx, targets, steps, lr, timeout=90)
-    for dp in (0, 1):  # ranks 2 dp + tp: data rank dp saw rows 2 dp, 2 dp + 1
-        mine = slice(2 * dp, 2 * dp + 2)
-        ref_half = tiny_gpt()
-        _, first = ref_half(idx[mine], targets[mine])
-        torch.testing.assert_close(outs[2 * dp]["losses"][0], first.detach(), rtol=1e-10, atol=1e-12)
-    for out in outs:
+    outs = spawn(dp_tp_train, 4, CONFIG, idx, targets, 2, steps, lr, 0.1, 0, "float64", timeout=120)
+    for rank, out in enumerate(outs):  # rank = 2 dp + tp: data rank dp saw rows 2 dp and 2 dp + 1
+        dp = rank // 2
+        _, first = reference_gpt()(idx[2 * dp:2 * dp + 2], targets[2 * dp:2 * dp + 2])
+        torch.testing.assert_close(out["losses"][0], first.detach(), rtol=1e-10, atol=1e-12)
         for name, p in ref.named_parameters():
-            # float64, Adam's division by sqrt(v) amplifies last-bit differences little at 2 steps
+            # float64; Adam divides by sqrt(v), which magnifies last-bit differences little in 2 steps
             torch.testing.assert_close(out["weights"][name], p.detach(), rtol=1e-8, atol=1e-10, msg=name)

@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from minigpt.attention import MultiHeadAttention
-from minigpt.model import GPT, MLP, Block
+from minigpt.model import GPT, MLP, Block, GPTConfig
 from minigpt.parallel.launch import shard_range
 
 # --- the fused query/key/value matrix -----------------------------------------------------------------
@@ -359,3 +359,96 @@ def dp_tp_gpt(model: GPT, mesh) -> GPT:
         fully_shard(block, mesh=mesh["dp"])
     fully_shard(model, mesh=mesh["dp"])
     return model
+
+
+# --- what a chapter or a test runs in each process ------------------------------------------------------
+
+
+def _seeded_gpt(config: dict, seed: int, dtype: str) -> GPT:
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype={dtype!r} must be 'float32' or 'float64'")
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**config)).to(getattr(torch, dtype))
+
+
+def _whole(model: GPT, tp: int, grads: bool) -> dict[str, torch.Tensor]:
+    """Each parameter (or gradient) of a DTensor-split model as one tensor in the ordinary layout."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.grad if grads else p.detach()
+        if t is None:
+            raise ValueError(f"{name} has no gradient: run backward first")
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        out[name] = (qkv_from_tp(t, model.config.n_embd, tp) if "c_attn" in name else t).clone()
+    return out
+
+
+def tensor_parallel_step(rank: int, world: int, config: dict, idx: torch.Tensor, targets: torch.Tensor,
+                         way: str = "megatron", seed: int = 0, dtype: str = "float32",
+                         shapes: tuple = ()) -> dict:
+    """Run in each of ``world`` processes (``spawn``): build ``GPT(GPTConfig(**config))`` from ``seed``,
+    split it ``way`` ("megatron": :func:`megatron_gpt`; "dtensor": :func:`tensor_parallel_gpt`), take
+    one forward and backward on (idx, targets), and return the loss, every gradient whole and in the
+    ordinary layout, and the all-reduces of the forward and the backward as (calls, tensor bytes).
+    For each (batch, seq) in ``shapes`` it also counts one more step's all-reduces on random tokens:
+    ``sweep`` lists (batch, seq, forward bytes, backward bytes).
+
+    Built in: 08_model_parallel
+    """
+    if way not in ("megatron", "dtensor"):
+        raise ValueError(f"way={way!r} must be 'megatron' or 'dtensor'")
+    model = _seeded_gpt(config, seed, dtype)
+    if way == "megatron":
+        megatron_gpt(model, rank, world)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        tensor_parallel_gpt(model, init_device_mesh("cpu", (world,)))
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, AllReduceCounter, AllReduceCounter]:
+        with AllReduceCounter() as fwd:
+            _, loss = model(x, y)
+        with AllReduceCounter() as bwd:
+            loss.backward()
+        return loss.detach(), fwd, bwd
+
+    loss, fwd, bwd = step(idx, targets)
+    grads = gather_tensor_parallel(model, grads=True) if way == "megatron" else _whole(model, world, True)
+    sweep = []
+    g = torch.Generator().manual_seed(seed)  # the same tokens on every rank, as tensor parallelism needs
+    for b, t in shapes:
+        x, y = (torch.randint(0, model.config.vocab_size, (b, t), generator=g) for _ in range(2))
+        _, f, bw = step(x, y)
+        sweep.append((b, t, f.tensor_bytes, bw.tensor_bytes))
+    return {"loss": loss, "grads": grads, "fwd": (fwd.calls, fwd.tensor_bytes),
+            "bwd": (bwd.calls, bwd.tensor_bytes), "sweep": sweep}
+
+
+def dp_tp_train(rank: int, world: int, config: dict, idx: torch.Tensor, targets: torch.Tensor, tp: int = 2,
+                steps: int = 2, lr: float = 1e-2, weight_decay: float = 0.1, seed: int = 0,
+                dtype: str = "float32") -> dict:
+    """Run in each of ``world`` processes (``spawn``): the GPT of ``config`` and ``seed`` on a
+    (world / tp) x tp mesh (:func:`dp_tp_gpt`), ``steps`` AdamW steps on the global batch (idx,
+    targets), each data rank on its contiguous share of the rows. Returns this rank's losses and the
+    final weights whole, in the ordinary layout.
+
+    Built in: 08_model_parallel
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if tp < 1 or world % tp:
+        raise ValueError(f"tp={tp} must divide the number of processes world={world}")
+    dp = world // tp
+    if idx.shape[0] % dp:
+        raise ValueError(f"the batch of {idx.shape[0]} rows must split evenly over {dp} data ranks")
+    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+    model = dp_tp_gpt(_seeded_gpt(config, seed, dtype), mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    mine = shard_range(idx.shape[0], mesh["dp"].get_local_rank(), dp)
+    losses = []
+    for _ in range(steps):
+        _, loss = model(idx[mine], targets[mine])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return {"losses": torch.stack(losses), "weights": _whole(model, tp, grads=False)}
