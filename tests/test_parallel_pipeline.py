@@ -17,6 +17,7 @@ from minigpt.parallel.pipeline import (
     schedule_order,
     simulate_schedule,
     stage_layers,
+    torch_pipeline_worker,
 )
 
 CONFIG = GPTConfig(block_size=16, vocab_size=32, n_layer=4, n_head=2, n_embd=32)
@@ -77,28 +78,37 @@ def test_stages_chained_in_one_process_are_the_gpt():
     assert [list(r) for r in stage_layers(5, 2)] == [[0, 1, 2], [3, 4]]
 
 
-@pytest.mark.parametrize("stages", [2, 4])
-def test_pipeline_step_equals_one_process(stages):
+def _one_process():
     idx, targets = _batch()
     torch.manual_seed(0)
     reference = GPT(CONFIG).double()
     loss = reference(idx, targets)[1]
     loss.backward()
-    grads = {n: p.grad for n, p in reference.named_parameters()}
-    out = spawn(pipeline_worker, stages, CONFIG, 0, idx, targets, RUNS, True, False, torch.float64,
+    return idx, targets, loss.item(), {n: p.grad for n, p in reference.named_parameters()}
+
+
+def _assert_equal_to_one_process(runs, loss, grads, label):
+    # the cross-entropy is taken in float32 (as GPT.forward does): a few float32 roundings apart
+    assert runs[-1]["loss"] == pytest.approx(loss, rel=1e-6)
+    seen = set()
+    for run in runs:
+        for name, g in run["grads"].items():
+            # float64 everywhere else: the pipeline adds the micro-batches' gradients in another
+            # order than one process adds the batch's, a few units of float64 rounding (~1e-16)
+            ref = grads["transformer.wte.weight" if name == "lm_head.weight" else name]
+            torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12, msg=f"{label} {name}")
+            seen.add(name)
+    assert seen - {"lm_head.weight"} == set(grads)  # every parameter is checked
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_pipeline_step_equals_one_process(stages):
+    idx, targets, loss, grads = _one_process()
+    out = spawn(pipeline_worker, stages, CONFIG, 0, idx, targets, RUNS, len(RUNS), False, torch.float64,
                 timeout=90)
     for k, (schedule, m) in enumerate(RUNS):
         runs = [out[s][k] for s in range(stages)]
-        # float64: the pipeline sums the micro-batches' losses and gradients in another order than the
-        # one-process batch, which moves results by a few units of float64 rounding (~1e-16), no more
-        assert runs[-1]["loss"] == pytest.approx(loss.item(), rel=1e-12)
-        seen = set()
-        for run in runs:
-            for name, g in run["grads"].items():
-                ref = grads["transformer.wte.weight" if name == "lm_head.weight" else name]
-                torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12, msg=f"{schedule} {name}")
-                seen.add(name)
-        assert seen - {"lm_head.weight"} == set(grads)  # every parameter is checked
+        _assert_equal_to_one_process(runs, loss, grads, f"{schedule} m={m} p={stages}")
         for s, run in enumerate(runs):
             assert run["peak_in_flight"] == peak_in_flight_formula(schedule, s, stages, m)
             per_micro_batch = run["saved_bytes"][0]
@@ -116,6 +126,14 @@ def test_pipeline_step_equals_one_process(stages):
         assert 0.0 < bubble_fraction([run["events"] for run in runs]) < 1.0
 
 
+def test_torchs_own_pipeline_schedules_equal_one_process():
+    idx, targets, loss, grads = _one_process()
+    runs = [("gpipe", 4), ("1f1b", 4)]
+    out = spawn(torch_pipeline_worker, 2, CONFIG, 0, idx, targets, runs, torch.float64, timeout=90)
+    for k, (schedule, _) in enumerate(runs):
+        _assert_equal_to_one_process([out[s][k] for s in range(2)], loss, grads, f"torch {schedule}")
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="schedule='zb'"):
         schedule_order("zb", 0, 2, 4)
@@ -123,5 +141,8 @@ def test_bad_arguments_are_refused():
         stage_layers(4, 5)
     with pytest.raises(ValueError, match="stage=2 must be in"):
         GPTStage(GPT(CONFIG), 2, 2)
+    with pytest.raises(ValueError, match="n_expert=2"):
+        GPTStage(GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=2, n_head=2, n_embd=16, n_expert=2)),
+                 0, 2)
     with pytest.raises(ValueError, match="micro_batches=0"):
         bubble_formula(2, 0)

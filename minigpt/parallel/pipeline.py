@@ -92,6 +92,9 @@ class GPTStage(nn.Module):
     def __init__(self, gpt: GPT, stage: int, stages: int):
         super().__init__()
         config = gpt.config
+        if config.n_expert:
+            raise ValueError(f"n_expert={config.n_expert}: a mixture of experts adds a load-balancing loss "
+                             f"from every block, which these stages do not carry; use n_expert=0")
         layers = stage_layers(config.n_layer, stages)
         if not 0 <= stage < stages:
             raise ValueError(f"stage={stage} must be in [0, {stages})")
@@ -372,19 +375,22 @@ def sync_tied_gradients(stage: GPTStage) -> None:
 
 
 def pipeline_worker(rank: int, world: int, config: GPTConfig, seed: int, idx: torch.Tensor,
-                    targets: torch.Tensor, runs: list[tuple[str, int]], keep_grads: bool = True,
+                    targets: torch.Tensor, runs: list[tuple[str, int]], grads_for: int = 0,
                     warmup: bool = False, dtype: torch.dtype = torch.float32) -> list[dict]:
     """For :func:`minigpt.parallel.launch.spawn`: build the GPT from ``seed`` (in ``dtype``),
     keep stage ``rank`` of ``world``, and run one step per (schedule, micro-batches) in ``runs``, each
-    from zero gradients. Returns one dict per run: :meth:`StageRun.as_dict`, plus the stage's gradients
-    by parameter name when ``keep_grads``. ``warmup`` runs the first entry once, unrecorded, first
-    (the first step of a process allocates its memory and is slower).
+    from zero gradients. Returns one dict per run: :meth:`StageRun.as_dict`, plus, for the first
+    ``grads_for`` runs, the stage's gradients by parameter name (the tied matrix's already summed).
+    ``warmup`` runs the first entry once, unrecorded, first (the first step of a process allocates
+    its memory and is slower).
 
     Built in: 08_model_parallel
     """
     torch.manual_seed(seed)
     stage = GPTStage(GPT(config).to(dtype), rank, world)
-    out = []
+    if not runs:
+        raise ValueError("runs is empty: give at least one (schedule, micro_batches)")
+    out: list[dict] = []
     for n, (schedule, m) in enumerate(([runs[0]] if warmup else []) + list(runs)):
         stage.zero_grad(set_to_none=True)
         dist.barrier()  # every stage starts the step together
@@ -393,8 +399,51 @@ def pipeline_worker(rank: int, world: int, config: GPTConfig, seed: int, idx: to
         if warmup and n == 0:
             continue
         result = record.as_dict() | {"schedule": schedule, "micro_batches": m, "stage": rank}
-        if keep_grads:
+        if len(out) < grads_for:
             result["grads"] = {name: p.grad.clone() for name, p in stage.named_parameters()
                                if p.grad is not None}
         out.append(result)
+    return out
+
+
+def torch_pipeline_worker(rank: int, world: int, config: GPTConfig, seed: int, idx: torch.Tensor,
+                          targets: torch.Tensor, runs: list[tuple[str, int]],
+                          dtype: torch.dtype = torch.float32) -> list[dict]:
+    """The same stages run by torch's own pipeline (``torch.distributed.pipelining``): for each
+    (schedule, micro-batches) in ``runs``, each rank wraps its :class:`GPTStage` in a
+    ``PipelineStage`` and steps ``ScheduleGPipe`` or ``Schedule1F1B``, which work out the activations'
+    shapes, post the sends and receives, and divide the accumulated gradients by ``m``. Each
+    micro-batch's loss is its mean cross-entropy, so the step is the batch's when every micro-batch
+    has as many targets (no ignored positions). Returns, per run, the loss (last stage: the mean of
+    the micro-batches' losses) and the gradients by parameter name.
+
+    Built in: 08_model_parallel
+    """
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    for schedule, _ in runs:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} must be one of {SCHEDULES}")
+    torch.manual_seed(seed)
+    stage = GPTStage(GPT(config).to(dtype), rank, world)
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+
+    out = []
+    for schedule, m in runs:
+        stage.zero_grad(set_to_none=True)
+        pipe = PipelineStage(stage, rank, world, torch.device("cpu"))
+        kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+        steps = kind(pipe, m, loss_fn=loss_fn)
+        losses: list[torch.Tensor] = []
+        args = (idx,) if stage.first else ()
+        if stage.last:
+            steps.step(*args, target=targets, losses=losses)
+        else:
+            steps.step(*args)
+        sync_tied_gradients(stage)
+        out.append({"loss": torch.stack(losses).mean().item() if stage.last else 0.0,
+                    "grads": {n: p.grad.clone() for n, p in stage.named_parameters()
+                              if p.grad is not None}})
     return out
