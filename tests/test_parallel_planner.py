@@ -100,6 +100,19 @@ def test_data_parallel_plan_costs():
     assert math.isclose(p.mfu, pl.EFFICIENCY * p.compute_s / p.step_s)
 
 
+def test_zero_stages_communication():
+    # ZeRO-0/1: one all-reduce a step; ZeRO-2: a reduce-scatter per micro-batch and one all-gather;
+    # ZeRO-3: per micro-batch, two all-gathers of the weights and a reduce-scatter (ZeRO paper: 3 x
+    # the weights where an all-reduce moves 2 x, at one micro-batch)
+    c, gpus, tokens = pl.CEREBRAS_GPT_13B, 64, 256 * 2048
+    link, n = pl.H100.network, 2 * pl.parameter_count(c) / 2  # 16-bit weights over t = 2
+    for m, b in ((1, 8), (8, 1)):  # 256 sequences over 32 replicas: 8 each
+        got = [pl.plan(c, gpus, tokens, 2, 1, zero=z, micro_batch=b).data_s for z in range(4)]
+        half = link.ring_allreduce(n, 32) / 2
+        assert got[0] == got[1] and math.isclose(got[0], 2 * half)
+        assert math.isclose(got[2], (m + 1) * half) and math.isclose(got[3], 3 * m * half)
+
+
 def test_tensor_and_pipeline_plan_costs():
     c = pl.CEREBRAS_GPT_13B
     p = pl.plan(c, 64, 1024 * 2048, tensor=4, pipeline=4, zero=1, micro_batch=2, recompute=True)

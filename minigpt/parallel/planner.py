@@ -29,10 +29,13 @@ Time per step, for a global batch of ``batch_tokens`` tokens:
   backward (two more when the forward is recomputed), on NVLink: tensor parallelism stays in a node;
 - **pipeline**: per micro-batch, an activation sent forward and its gradient sent back, each ``2 s b h``
   bytes; a step is ``m + p - 1`` micro-batch slots, so the bubble is ``(p - 1) / (m + p - 1)``;
-- **data parallel**: the gradients' ring all-reduce over the ``d`` replicas (ZeRO-1 and -2: a
-  reduce-scatter and an all-gather, the same bytes); ZeRO-3 instead all-gathers the weights for every
-  micro-batch's forward and backward (and recomputation) and reduce-scatters the gradients once;
-  on InfiniBand as soon as the cluster spans nodes;
+- **data parallel**, on InfiniBand as soon as the cluster spans nodes, each collective a ring (an
+  all-gather or a reduce-scatter is half an all-reduce). ZeRO-0 and -1 keep whole gradients and
+  accumulate them over the micro-batches, then all-reduce them once (ZeRO-1 as a reduce-scatter and
+  an all-gather of the updated weights: the same bytes). ZeRO-2 keeps only its shard of the
+  gradients, so it reduce-scatters them after every micro-batch, and all-gathers the updated weights
+  once. ZeRO-3 also all-gathers each block's weights for every micro-batch's forward and again for
+  its backward (a recomputed forward runs inside the backward's gather);
 - every message costs chapter 07's alpha + bytes / beta (:class:`minigpt.distributed.LinkModel`);
   nothing overlaps (a pessimistic bound: real schedules hide some communication behind compute); the
   optimizer's update is left out.
@@ -294,12 +297,8 @@ def plan(config: GPTConfig, gpus: int, batch_tokens: int, tensor: int, pipeline:
     slot = compute + tp + pp
     dp_link = cluster.network if gpus > node else cluster.nvlink
     grads = BYTES_GRAD * params
-    if zero == 3:  # reduce-scatter the gradients once; all-gather the weights per micro-batch and pass
-        gathers = m * (3 if recompute else 2)
-        gather = dp_link.ring_allreduce(BYTES_WEIGHT * params, d) / 2  # half an all-reduce
-        data_s = dp_link.ring_allreduce(grads, d) / 2 + gathers * gather
-    else:
-        data_s = dp_link.ring_allreduce(grads, d)
+    half = dp_link.ring_allreduce(grads, d) / 2  # a reduce-scatter, or an all-gather of the (16-bit) weights
+    data_s = {0: 2 * half, 1: 2 * half, 2: m * half + half, 3: m * 3 * half}[zero]
     step = (m + p - 1) * slot + data_s
     done = training_flops_per_token(config, recompute) * sequences * s / gpus
     useful = training_flops_per_token(config, False) * sequences * s / gpus
