@@ -13,6 +13,7 @@ from minigpt.parallel.context import (
     gather_sequence,
     online_attention,
     ring_attention,
+    ring_attention_worker,
     ring_bytes_per_rank,
     ring_schedule,
     split_sequence,
@@ -77,6 +78,8 @@ def test_bad_input_is_refused():
         split_sequence(x, 2, "zigzag")
     with pytest.raises(ValueError, match="process group"):
         ring_attention(x, x, x)
+    with pytest.raises(ValueError, match="repeats=0"):
+        ring_attention_worker(0, 1, x, x, x, x, repeats=0)
 
 
 def test_ring_attention_equals_one_process():

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from minigpt.attention import causal_mask
 
 Split = Literal["contiguous", "zigzag"]
-SPLITS = ("contiguous", "zigzag")
+SPLITS: tuple[Split, ...] = ("contiguous", "zigzag")
 
 
 # --- one process: the online softmax --------------------------------------------------------------
@@ -326,17 +326,25 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, split: Spl
 
 
 def ring_attention_worker(rank: int, world: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          dout: torch.Tensor, split: Split) -> dict[str, Any]:
-    """Run in each process by :func:`minigpt.parallel.launch.spawn`: take this rank's share of the
-    whole q, k, v, run :func:`ring_attention` forward, then backward with the loss
-    ``(out * dout).sum()`` (so the output's gradient is ``dout``'s share). Returns this rank's output,
-    the gradients of its q, k, v, and its :class:`RingStats` as a dict.
+                          dout: torch.Tensor, splits: tuple[Split, ...] = SPLITS,
+                          repeats: int = 1) -> dict[str, Any]:
+    """Run in each process by :func:`minigpt.parallel.launch.spawn`: for each split, take this rank's
+    share of the whole q, k, v, run :func:`ring_attention` forward, then backward with the loss
+    ``(out * dout).sum()`` (so the output's gradient is ``dout``'s share). Returns, by split, this
+    rank's output, the gradients of its q, k, v, and its :class:`RingStats` as a dict. With
+    ``repeats`` > 1 every split runs that many times and the last run is returned: the first run of
+    a process pays for touching fresh memory, which would blur its compute times.
 
     Built in: 08_model_parallel
     """
-    ql, kl, vl = (split_sequence(x, world, split)[rank].clone().requires_grad_() for x in (q, k, v))
-    stats = RingStats()
-    out = ring_attention(ql, kl, vl, split=split, stats=stats)
-    (out * split_sequence(dout, world, split)[rank]).sum().backward()
-    return {"out": out.detach(), "dq": ql.grad, "dk": kl.grad, "dv": vl.grad,
-            "stats": stats.as_dict()}
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be at least 1")
+    results: dict[str, Any] = {}
+    for split in [s for _ in range(repeats) for s in splits]:
+        ql, kl, vl = (split_sequence(x, world, split)[rank].clone().requires_grad_() for x in (q, k, v))
+        stats = RingStats()
+        out = ring_attention(ql, kl, vl, split=split, stats=stats)
+        (out * split_sequence(dout, world, split)[rank]).sum().backward()
+        results[split] = {"out": out.detach(), "dq": ql.grad, "dk": kl.grad, "dv": vl.grad,
+                          "stats": stats.as_dict()}
+    return results
