@@ -444,3 +444,15 @@ def _local_full(t: torch.Tensor) -> torch.Tensor:
     """A DTensor gathered whole (FSDP2), or the tensor itself."""
     full = getattr(t, "full_tensor", None)
     return full() if callable(full) else t
+
+
+def train_zero_stages(rank: int, world: int, config: dict, batch_size: int = 4,
+                      stages: tuple[int, ...] = (0, 1, 2, 3),
+                      precisions: tuple[str, ...] = ("fp64", "mixed")) -> dict[str, Any]:
+    """:func:`train_zero` for every stage and precision in one group of processes (starting a group
+    costs seconds), keyed ``"<precision>-<stage>"``.
+
+    Built in: 08_model_parallel
+    """
+    return {f"{p}-{s}": train_zero(rank, world, s, config, precision=p, batch_size=batch_size)
+            for p in precisions for s in stages}

@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 from minigpt.model import GPT, GPTConfig
 from minigpt.parallel.launch import shard_range
-from minigpt.parallel.zero import fully_shard_gpt, train_zero
+from minigpt.parallel.zero import fully_shard_gpt, train_zero, train_zero_stages
 
 CONFIG = dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -39,10 +39,7 @@ def fsdp_loss_and_grads(rank, world):
 def everything(rank, world):
     """All the checks in one group of processes (starting one costs seconds): FSDP2's gradients,
     every stage in float64 and in mixed precision, stage 1 and 2 with several buckets in float32."""
-    out = {"fsdp": fsdp_loss_and_grads(rank, world)}
-    for stage in (0, 1, 2, 3):
-        out[f"fp64-{stage}"] = train_zero(rank, world, stage, CONFIG, precision="fp64")
-        out[f"mixed-{stage}"] = train_zero(rank, world, stage, CONFIG, precision="mixed")
+    out = {"fsdp": fsdp_loss_and_grads(rank, world), **train_zero_stages(rank, world, CONFIG)}
     for stage in (1, 2):
         out[f"fp32-buckets-{stage}"] = train_zero(rank, world, stage, CONFIG, precision="fp32",
                                                   bucket_numel=5000)
