@@ -105,5 +105,21 @@ def test_ring_attention_equals_one_process():
         # every (query, key) entry a causal query may see is computed once, on some rank
         assert sum(s["scores_forward"] for s in stats) == t * (t + 1) // 2
     assert all("divisible by 2 (zigzag)" in r["error"] for r in results)
+    # a small GPT (float64) with its 12 positions split over the 3 ranks: loss and every gradient
+    model = pc.small_gpt()
+    x, targets = pc.gpt_batch()
+    logits, float32_loss = model(x, targets)
+    # GPT.forward takes its cross-entropy in float32; in float64 the same loss, to compare exactly
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    assert torch.allclose(loss.float(), float32_loss)
+    loss.backward()
+    for split in SPLITS:
+        for r in results:
+            got = r["gpt"][split]
+            # float64; the loss is summed over ranks, attention over blocks: ~1e-16 relative
+            assert torch.allclose(got["loss"], loss.detach(), rtol=1e-12, atol=0), split
+            assert got["grads"].keys() == dict(model.named_parameters()).keys()
+            for name, p in model.named_parameters():
+                assert torch.allclose(got["grads"][name], p.grad, rtol=0, atol=1e-12), (split, name)
     zigzag = [r["zigzag"]["stats"]["scores_forward"] for r in results]
     assert len(set(zigzag)) == 1  # the zig-zag split gives every rank the same useful work

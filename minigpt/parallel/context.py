@@ -25,12 +25,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from minigpt.attention import causal_mask
+from minigpt.model import GPT, Block
 
 Split = Literal["contiguous", "zigzag"]
 SPLITS: tuple[Split, ...] = ("contiguous", "zigzag")
@@ -348,3 +350,65 @@ def ring_attention_worker(rank: int, world: int, q: torch.Tensor, k: torch.Tenso
         results[split] = {"out": out.detach(), "dq": ql.grad, "dk": kl.grad, "dv": vl.grad,
                           "stats": stats.as_dict()}
     return results
+
+
+# --- a whole GPT with its sequence split ----------------------------------------------------------
+
+def context_parallel_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor,
+                          split: Split = "contiguous") -> torch.Tensor:
+    """This rank's share of a :class:`minigpt.model.GPT`'s loss on (idx, targets) (B, T) with the
+    sequence split over the ranks of the default process group: the rank embeds only its own
+    positions, every layer but attention works on them alone, and attention runs as
+    :func:`ring_attention`. The share is this rank's sum of cross-entropies divided by the whole
+    batch's count of targets, so the ranks' shares add up to the one-process loss, and so do their
+    gradients (an all-reduce of each parameter's gradient then gives the one-process gradient).
+
+    Built in: 08_model_parallel
+    """
+    if not isinstance(model, GPT):
+        raise ValueError(f"model must be a minigpt GPT; got {type(model).__name__}")
+    config = model.config
+    if config.n_expert or config.mup or config.dropout:
+        raise ValueError(f"context_parallel_loss runs a dense GPT in the standard parametrisation without "
+                         f"dropout; got n_expert={config.n_expert}, mup_base_width={config.mup_base_width}, "
+                         f"dropout={config.dropout}")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    t = idx.shape[1]
+    if t > config.block_size:
+        raise ValueError(f"T={t} exceeds block_size={config.block_size}")
+    pos = split_sequence(torch.arange(t), world, split, dim=0)[rank]
+    idx_mine = split_sequence(idx, world, split, dim=1)[rank]
+    targets_mine = split_sequence(targets, world, split, dim=1)[rank]
+    body = model.transformer
+    x = body.wte(idx_mine) + body.wpe(pos)  # (B, T/N, C): this rank's positions only
+    for module in body.h:
+        block = cast(Block, module)
+        attn = block.attn
+        q, k, v = attn.c_attn(block.ln_1(x)).split(attn.n_embd, dim=2)
+        y = ring_attention(attn.split_heads(q), attn.split_heads(k), attn.split_heads(v), split=split)
+        x = x + attn.c_proj(attn.merge_heads(y))
+        x = x + block.mlp(block.ln_2(x))
+    logits = model.lm_head(body.ln_f(x))
+    count = (targets != -100).sum()
+    return F.cross_entropy(logits.flatten(0, 1), targets_mine.flatten(), ignore_index=-100,
+                           reduction="sum") / count
+
+
+def context_parallel_worker(rank: int, world: int, model: GPT, idx: torch.Tensor,
+                            targets: torch.Tensor, split: Split = "contiguous") -> dict[str, Any]:
+    """Run in each process by :func:`minigpt.parallel.launch.spawn`: :func:`context_parallel_loss`
+    on this rank's share of the sequence, backward, then the loss and every gradient summed over the
+    ranks. Returns the loss and the gradients by parameter name.
+
+    Built in: 08_model_parallel
+    """
+    loss = context_parallel_loss(model, idx, targets, split)
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(g)
+        grads[name] = g
+    return {"loss": total, "grads": grads}
