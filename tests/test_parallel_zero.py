@@ -10,7 +10,13 @@ import torch.distributed as dist
 
 from minigpt.model import GPT, GPTConfig
 from minigpt.parallel.launch import spawn
-from minigpt.parallel.zero import ShardedAdamW, fully_shard_gpt, zero_comm_volume, zero_memory_bytes
+from minigpt.parallel.zero import (
+    ShardedAdamW,
+    fully_shard_gpt,
+    train_zero,
+    zero_comm_volume,
+    zero_memory_bytes,
+)
 from minigpt.train import parameter_groups
 
 STEPS, LR, DECAY, BATCH = 3, 1e-2, 0.1, 4  # train_zero's defaults
@@ -147,6 +153,8 @@ def test_bad_input():
         zero_memory_bytes(10, 2, 4)
     with pytest.raises(ValueError, match="world=0"):
         zero_memory_bytes(10, 0, 1)
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        train_zero(0, 1, 0, pz.CONFIG, precision="fp16")
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="process group"):
         ShardedAdamW(pz.small_gpt().parameters(), 1)

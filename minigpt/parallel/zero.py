@@ -270,6 +270,9 @@ class ShardedAdamW:
             grad = torch.cat([g[self.own * c:(self.own + 1) * c] for g, c in zip(self.grads, self.chunk)
                               if g is not None])
         else:
+            for b, g in enumerate(self.grads):  # a bucket with a parameter that got no gradient
+                if g is not None:
+                    self._reduce_scatter(b)
             assert self.grad_shard is not None
             grad = self.grad_shard
         grad = grad.to(self.exp_avg.dtype) / self.world  # the mean over ranks of their batches' means
