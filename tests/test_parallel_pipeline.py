@@ -14,6 +14,7 @@ from minigpt.parallel.pipeline import (
     bubble_fraction,
     peak_in_flight_formula,
     pipeline_worker,
+    replay_schedule,
     schedule_order,
     simulate_schedule,
     stage_layers,
@@ -59,6 +60,23 @@ def test_the_ideal_timeline_has_the_formulas_bubble(schedule):
             end = max(e[3] for stage in events for e in stage)
             assert end == (m + stages - 1) * 3.0  # m + p - 1 slots of forward + backward
             assert bubble_fraction(events) == pytest.approx(bubble_formula(stages, m), abs=1e-12)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_a_replay_keeps_each_pieces_duration_and_removes_the_waits(schedule):
+    g = torch.Generator().manual_seed(0)
+    stages, m = 3, 5
+    durations = {(k, s, i): float(torch.rand(1, generator=g)) + 0.5
+                 for k in "FB" for s in range(stages) for i in range(m)}
+    ideal = simulate_schedule(schedule, stages, m, durations=durations)
+    assert replay_schedule(schedule, ideal) == ideal
+    # a run whose stage 1 started every piece late replays to the ideal timeline
+    late = [[(k, i, a + 0.1 * (s == 1) * (n + 1), b + 0.1 * (s == 1) * (n + 1)) for n, (k, i, a, b)
+             in enumerate(stage)] for s, stage in enumerate(ideal)]
+    assert bubble_fraction(late) > bubble_fraction(ideal)
+    replayed = replay_schedule(schedule, late)
+    assert [[e[:2] for e in st] for st in replayed] == [[e[:2] for e in st] for st in ideal]
+    assert all(abs(x[3] - y[3]) < 1e-9 for a, b in zip(replayed, ideal) for x, y in zip(a, b))
 
 
 def test_stages_chained_in_one_process_are_the_gpt():

@@ -177,12 +177,15 @@ def peak_in_flight_formula(schedule: str, stage: int, stages: int, micro_batches
 
 
 def simulate_schedule(schedule: str, stages: int, micro_batches: int, forward: float = 1.0,
-                      backward: float = 2.0) -> list[list[Event]]:
+                      backward: float = 2.0, durations: dict[tuple[str, int, int], float] | None = None,
+                      ) -> list[list[Event]]:
     """The ideal timeline: each stage runs its :func:`schedule_order`, every forward takes ``forward``
-    and every backward ``backward`` time units, messages arrive at once. A forward starts when the
-    stage is free and the previous stage has finished that micro-batch's forward; a backward when the
-    next stage has finished its backward (on the last stage: when its own forward has finished).
-    Returns each stage's events (kind, micro-batch, start, end).
+    and every backward ``backward`` time units (or, with ``durations``, piece (kind, stage,
+    micro-batch) takes ``durations[kind, stage, i]``), messages arrive at once and nothing runs
+    between two pieces of work. A forward starts when the stage is free and the previous stage has
+    finished that micro-batch's forward; a backward when the next stage has finished its backward (on
+    the last stage: when its own forward has finished). Returns each stage's events (kind,
+    micro-batch, start, end).
 
     Built in: 08_model_parallel
     """
@@ -203,7 +206,10 @@ def simulate_schedule(schedule: str, stages: int, micro_batches: int, forward: f
             if need is not None and need not in done:
                 continue
             start = max(free[s], done[need] if need is not None else 0.0)
-            end = start + (forward if kind == "F" else backward)
+            if durations is not None:
+                end = start + durations[kind, s, i]
+            else:
+                end = start + (forward if kind == "F" else backward)
             done[(kind, s, i)], free[s] = end, end
             events[s].append((kind, i, start, end))
             nxt[s] += 1
@@ -211,6 +217,18 @@ def simulate_schedule(schedule: str, stages: int, micro_batches: int, forward: f
         if not progressed:  # cannot happen for the two schedules here; a guard against a bad order
             raise RuntimeError(f"schedule {schedule!r} deadlocks: no stage can start its next step")
     return events
+
+
+def replay_schedule(schedule: str, events: list[list[Event]]) -> list[list[Event]]:
+    """A measured run replayed on the ideal machine: every forward and backward keeps the duration it
+    was measured with, but messages take no time and nothing runs between two pieces of work. Its
+    bubble against the formula's shows what unequal work costs; the measured bubble against the
+    replay's, what messages and the time between pieces of work cost.
+
+    Built in: 08_model_parallel
+    """
+    durations = {(kind, s, i): end - start for s, stage in enumerate(events) for kind, i, start, end in stage}
+    return simulate_schedule(schedule, len(events), len(events[0]) // 2, durations=durations)
 
 
 def bubble_fraction(events: list[list[Event]]) -> float:
