@@ -402,6 +402,7 @@ def context_parallel_worker(rank: int, world: int, model: GPT, idx: torch.Tensor
 
     Built in: 08_model_parallel
     """
+    model.zero_grad(set_to_none=True)  # a model sent with gradients would add to them
     loss = context_parallel_loss(model, idx, targets, split)
     loss.backward()
     total = loss.detach().clone()
