@@ -22,6 +22,7 @@ Built in: 08_model_parallel
 
 from __future__ import annotations
 
+import logging
 from typing import cast
 
 import torch
@@ -318,7 +319,9 @@ def tensor_parallel_gpt(model: GPT, mesh) -> GPT:
     with torch's ``parallelize_module``. Embeddings, LayerNorms and the head stay whole on every rank.
     ``c_attn``'s rows are regrouped first (:func:`qkv_to_tp`) so that each rank's contiguous shard
     holds the queries, keys and values of its own heads; a full state dict's ``c_attn`` entries
-    (``full_tensor()``) are in that order: :func:`qkv_from_tp` restores the ordinary one.
+    (``full_tensor()``) are in that order: :func:`qkv_from_tp` restores the ordinary one. Every rank
+    must pass the same model (built from the same seed): the whole modules are not broadcast. The
+    attention modules become :class:`LocalHeadsAttention`, which trains but takes no KV cache.
 
     Built in: 08_model_parallel
     """
@@ -374,12 +377,19 @@ def _seeded_gpt(config: dict, seed: int, dtype: str) -> GPT:
 def _whole(model: GPT, tp: int, grads: bool) -> dict[str, torch.Tensor]:
     """Each parameter (or gradient) of a DTensor-split model as one tensor in the ordinary layout."""
     out = {}
-    for name, p in model.named_parameters():
-        t = p.grad if grads else p.detach()
-        if t is None:
-            raise ValueError(f"{name} has no gradient: run backward first")
-        t = t.full_tensor() if hasattr(t, "full_tensor") else t
-        out[name] = (qkv_from_tp(t, model.config.n_embd, tp) if "c_attn" in name else t).clone()
+    # on a 2-D mesh, gathering a shard of a shard takes two all-gathers, which torch warns about
+    log = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        for name, p in model.named_parameters():
+            t = p.grad if grads else p.detach()
+            if t is None:
+                raise ValueError(f"{name} has no gradient: run backward first")
+            t = t.full_tensor() if hasattr(t, "full_tensor") else t
+            out[name] = (qkv_from_tp(t, model.config.n_embd, tp) if "c_attn" in name else t).clone()
+    finally:
+        log.setLevel(level)
     return out
 
 
