@@ -15,7 +15,8 @@ one, so that every rank computes 2N + 1 chunk pairs.
 
 The backward pass is written out (:class:`_RingAttention`): it sends the key and value blocks around
 the ring once more, with their gradient accumulators travelling beside them and one extra hop to
-bring each accumulator home.
+bring each accumulator home. :func:`context_parallel_loss` runs a whole GPT this way: every layer
+but attention acts on each position alone, so each rank works on its own tokens throughout.
 
 Built in: 08_model_parallel
 """
