@@ -60,6 +60,12 @@ def test_balancing_loss_is_its_formula_and_one_when_uniform():
     f = torch.stack([(r.experts == e).sum() for e in range(4)]).double() / (50 * 2)
     p = r.probs.mean(0)
     torch.testing.assert_close(moe.aux_loss, 4 * (f * p).sum(), rtol=1e-12, atol=0)
+    # a router of zeros: every probability is 1/E, so the loss is sum_i f_i = 1 whatever the top-k
+    # picked among the tied scores
+    with torch.no_grad():
+        moe.router.weight.zero_()
+    moe(x)
+    assert moe.aux_loss.item() == pytest.approx(1.0, abs=1e-12)
     # uniform routing, f = P = 1/E: E x E x 1/E^2 = 1
     uniform = load_balancing_loss(torch.full((4,), 25), torch.full((4,), 50 / 4, dtype=torch.float64), 50, 2)
     assert uniform.item() == pytest.approx(1.0, abs=1e-15)
