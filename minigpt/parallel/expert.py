@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minigpt.moe import MoE, combine, dispatch_order, load_balancing_loss, route
+from minigpt.moe import MoE, combine, dispatch_order, load_balancing_loss, route, run_experts
 
 if TYPE_CHECKING:
     from minigpt.model import GPTConfig
@@ -133,17 +133,14 @@ class ExpertParallelMoE(nn.Module):
         # regroup by expert: all sources' rows for one expert together, run, and put back
         expert_of_row = torch.arange(self.local).repeat(self.world).repeat_interleave(incoming.flatten())
         by_expert = expert_of_row.argsort(stable=True)
-        out = torch.empty_like(got).index_copy(0, by_expert, self._run(got[by_expert], incoming.sum(0)))
+        done = run_experts(self.experts, got[by_expert], incoming.sum(0))  # one product per expert
+        out = torch.empty_like(got).index_copy(0, by_expert, done)
         back = all_to_all(out, send, recv)  # each output to the rank its token lives on
         self.aux_loss = self._global_balancing_loss(counts, r.probs, x.shape[0])
         row_bytes = x.shape[1] * x.element_size()
         self.sent_rows = send
         self.sent_bytes = (sum(send) - send[self.rank] + sum(recv) - recv[self.rank]) * row_bytes
         return combine(back, r.weights, order, x.shape[0]).reshape(shape)
-
-    def _run(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        pieces = rows.split(counts.tolist())
-        return torch.cat([expert(piece) for expert, piece in zip(self.experts, pieces)])
 
     def _global_balancing_loss(self, counts: torch.Tensor, probs: torch.Tensor, n: int) -> torch.Tensor:
         """The balancing loss of all ranks' tokens together: f and P are means over the whole batch,
@@ -157,9 +154,10 @@ class ExpertParallelMoE(nn.Module):
 def shard_experts(model: nn.Module, rank: int, world: int) -> nn.Module:
     """Replace, in place, every :class:`minigpt.moe.MoE` block MLP of ``model`` (a ``GPT`` with
     ``n_expert`` >= 1) by this rank's :class:`ExpertParallelMoE`; the experts of other ranks are
-    dropped. Returns ``model``. The other parameters stay replicated: average their gradients over
-    ranks as in data parallelism (:func:`replicated_parameters` names them); an expert's gradient
-    is already complete on its owner, which received every token routed to it.
+    dropped. Returns ``model``. The other parameters stay replicated: average over ranks their
+    gradients of each rank's own loss, as in data parallelism (:func:`replicated_parameters` names
+    them). An expert's gradient is already complete on its owner, which received every token routed
+    to it; with equal batch shares, backpropagate each rank's loss divided by the number of ranks.
 
     Built in: 08_model_parallel
     """
