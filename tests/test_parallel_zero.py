@@ -80,7 +80,7 @@ def test_fully_shard_gpt_equals_one_process(ranks):
 def test_every_stage_equals_one_process_in_float64(ranks, stage):
     losses, weights = one_process("fp64")
     for r in ranks:
-        got = r[f"fp64-{stage}"]
+        got = r[f"fp64-{stage}@2"]
         # the model computes its loss in float32 whatever its weights' type: 1e-6 on a loss near 4
         assert got["losses"] == pytest.approx(losses, abs=1e-6)
         for name, w in weights.items():  # float64 sums in another order: 1e-12 after three steps
@@ -103,7 +103,7 @@ def test_several_buckets_equal_one_process_in_float32(ranks, stage):
 def test_mixed_precision_follows_one_process(ranks, stage):
     losses, weights = one_process("mixed")
     for r in ranks:
-        got = r[f"mixed-{stage}"]
+        got = r[f"mixed-{stage}@2"]
         # bf16 gradients summed over two ranks round differently from one bf16 gradient of the whole
         # batch (8 bits of mantissa): the losses stay within 1e-3 of each other over three steps...
         assert got["losses"] == pytest.approx(losses, abs=1e-3)
@@ -117,10 +117,10 @@ def test_mixed_precision_follows_one_process(ranks, stage):
 
 @pytest.mark.parametrize("precision,per_param", [("fp64", (8, 8, 16)), ("mixed", (2, 2, 12))])
 def test_memory_held_matches_the_formula(ranks, precision, per_param):
-    n = ranks[0]["fp64-0"]["n_params"]
+    n = ranks[0]["fp64-0@2"]["n_params"]
     for stage in (0, 1, 2, 3):
         for r in ranks:
-            held = r[f"{precision}-{stage}"]["held"]
+            held = r[f"{precision}-{stage}@2"]["held"]
             want = zero_memory_bytes(n, 2, stage, *per_param)
             # exact here: no padding (the flat buffer's length is even, every dimension 0 is even),
             # and torch's AdamW adds one 'step' counter (a 4-byte tensor) per parameter tensor
@@ -133,11 +133,11 @@ def test_memory_held_matches_the_formula(ranks, precision, per_param):
 
 
 def test_bytes_sent_match_the_formula(ranks):
-    n = ranks[0]["fp64-0"]["n_params"]
+    n = ranks[0]["fp64-0@2"]["n_params"]
     for r in ranks:
         for stage in (0, 1, 2, 3):
-            assert r[f"fp64-{stage}"]["comm"]["total"] == 8 * zero_comm_volume(n, stage)
-            assert r[f"mixed-{stage}"]["comm"]["total"] == 2 * zero_comm_volume(n, stage)
+            assert r[f"fp64-{stage}@2"]["comm"]["total"] == 8 * zero_comm_volume(n, stage)
+            assert r[f"mixed-{stage}@2"]["comm"]["total"] == 2 * zero_comm_volume(n, stage)
 
 
 def test_the_formula_reproduces_the_paper():

@@ -387,20 +387,25 @@ class CommCounter(TorchDispatchMode):
 
 def train_zero(rank: int, world: int, stage: int, config: dict, steps: int = 3, precision: str = "fp32",
                batch_size: int = 4, lr: float = 1e-2, weight_decay: float = 0.1, seed: int = 0,
-               bucket_numel: int | None = None) -> dict[str, Any]:
+               bucket_numel: int | None = None, mesh: DeviceMesh | None = None) -> dict[str, Any]:
     """Train a GPT of shape ``config`` (``GPTConfig``'s fields) for ``steps`` AdamW steps under ZeRO
     ``stage`` on this rank, for :func:`minigpt.parallel.launch.spawn`. Every rank builds the same
     model from ``seed``; step s uses global batch s (random tokens from seed 1000 + s), of which the
-    rank takes its contiguous ``batch_size / world`` rows. ``precision``: "fp32", "fp64" (weights,
-    gradients and state in that type) or "mixed" (bf16 weights and gradients, fp32 master weights and
-    moments; stage 3 keeps fp32 shards and computes and communicates in bf16). Returns the global
-    loss of every step, the final weights whole (by name), the bytes held (:func:`held_bytes`, after
-    the second step's backward) and the bytes communicated in the second step (:class:`CommCounter`).
+    rank takes its contiguous ``batch_size / world`` rows. A 1-D ``mesh`` trains over its ranks only
+    (the rank's place in it and its size replace ``rank`` and ``world``). ``precision``: "fp32",
+    "fp64" (weights, gradients and state in that type) or "mixed" (bf16 weights and gradients, fp32
+    master weights and moments; stage 3 keeps fp32 shards and computes and communicates in bf16).
+    Returns the global loss of every step, the final weights whole (by name), the bytes held
+    (:func:`held_bytes`, after the second step's backward) and the bytes communicated in the second
+    step (:class:`CommCounter`).
 
     Built in: 08_model_parallel
     """
     if precision not in ("fp32", "fp64", "mixed"):
         raise ValueError(f"precision={precision!r} must be 'fp32', 'fp64' or 'mixed'")
+    group = None
+    if mesh is not None:
+        rank, world, group = mesh.get_local_rank(), mesh.size(), mesh.get_group()
     if batch_size % world:
         raise ValueError(f"batch_size={batch_size} must be divisible by world={world}")
     torch.manual_seed(seed)
@@ -412,14 +417,14 @@ def train_zero(rank: int, world: int, stage: int, config: dict, steps: int = 3, 
     if stage == 3:
         model = model.to(master)
         policy = MixedPrecisionPolicy(torch.bfloat16, torch.bfloat16) if precision == "mixed" else None
-        fully_shard_gpt(model, mp_policy=policy)
+        fully_shard_gpt(model, mesh, mp_policy=policy)
         groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=lr, foreach=False)
+        optimizer = torch.optim.AdamW(groups, lr=lr, foreach=True)  # on DTensors: faster than a loop
     else:
         model = model.to(dtype)
         optimizer = ShardedAdamW(model.parameters(), stage, lr=lr, weight_decay=weight_decay,
-                                 bucket_numel=bucket_numel, master_dtype=master)
+                                 bucket_numel=bucket_numel, group=group, master_dtype=master)
     mine = shard_range(batch_size, rank, world)
     losses, held, comm = [], {}, {}
     for s in range(steps):
@@ -436,7 +441,7 @@ def train_zero(rank: int, world: int, stage: int, config: dict, steps: int = 3, 
         if s == 1:
             comm = {"total": counter.total, **counter.volume}
         total = loss.detach().double()
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=group)
         losses.append(total.item() / world)
     weights = {n: _local_full(p).detach().clone() for n, p in model.named_parameters()}
     return {"losses": losses, "weights": weights, "held": held, "comm": comm,
@@ -450,12 +455,22 @@ def _local_full(t: torch.Tensor) -> torch.Tensor:
 
 
 def train_zero_stages(rank: int, world: int, config: dict, batch_size: int = 4,
-                      stages: tuple[int, ...] = (0, 1, 2, 3),
-                      precisions: tuple[str, ...] = ("fp64", "mixed")) -> dict[str, Any]:
-    """:func:`train_zero` for every stage and precision in one group of processes (starting a group
-    costs seconds), keyed ``"<precision>-<stage>"``.
+                      stages: tuple[int, ...] = (0, 1, 2, 3), precisions: tuple[str, ...] = ("fp64", "mixed"),
+                      sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """:func:`train_zero` for every stage, precision and group size in one group of processes
+    (starting processes costs seconds), keyed ``"<precision>-<stage>@<size>"``. For a size n smaller
+    than ``world`` the ranks split into ``world / n`` groups of n consecutive ranks that each train the
+    same model (a 2-D mesh's rows); ``sizes`` defaults to ``(world,)``.
 
     Built in: 08_model_parallel
     """
-    return {f"{p}-{s}": train_zero(rank, world, s, config, precision=p, batch_size=batch_size)
-            for p in precisions for s in stages}
+    out = {}
+    for n in sizes or (world,):
+        if n < 1 or world % n:
+            raise ValueError(f"size {n} must divide world={world}")
+        mesh = init_device_mesh("cpu", (world // n, n), mesh_dim_names=("replica", "shard"))["shard"]
+        for p in precisions:
+            for s in stages:
+                out[f"{p}-{s}@{n}"] = train_zero(rank, world, s, config, precision=p,
+                                                 batch_size=batch_size, mesh=mesh)
+    return out
