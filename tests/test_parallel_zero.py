@@ -158,3 +158,13 @@ def test_bad_input():
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="process group"):
         ShardedAdamW(pz.small_gpt().parameters(), 1)
+
+
+def test_stage_2_holds_the_whole_gradient_at_no_time(ranks):
+    n = ranks[0]["fp64-0@2"]["n_params"]
+    for r in ranks:
+        assert r["fp32-buckets-1"]["peak_grad_bytes"] == 4 * n  # stage 1: the full fp32 gradient
+        # stage 2: its half of the gradient and at most two buckets of at most 5,000 elements being
+        # filled at once (backward finishes one block's gradients before it starts the next block's)
+        peak = r["fp32-buckets-2"]["peak_grad_bytes"]
+        assert peak <= 4 * n / 2 + 2 * 4 * 5000 < 4 * n, peak

@@ -187,6 +187,7 @@ class ShardedAdamW:
         self.master: torch.Tensor | None = torch.cat(mine).to(master_dtype) if mixed else None
         self.exp_avg = torch.zeros(offset, dtype=master_dtype, device=self.flat[0].device)
         self.exp_avg_sq = torch.zeros_like(self.exp_avg)
+        self.peak_grad_bytes = 0  # the most gradient bytes alive at once (stage 2: during backward)
         self.grads: list[torch.Tensor | None] = []  # stages 0/1: full-size gradient buffers
         self.grad_shard: torch.Tensor | None = None  # stage 2: this rank's chunk of the gradients
         if stage < 2:
@@ -206,11 +207,13 @@ class ShardedAdamW:
                 for p in bucket:
                     p.register_post_accumulate_grad_hook(self._hook(b, start))
                     start += p.numel()
+        self._track()
 
     def _hook(self, b: int, start: int):
         def hook(p: torch.Tensor) -> None:
             if self.grads[b] is None:
                 self.grads[b] = torch.zeros_like(self.flat[b])
+                self._track()
             g = self.grads[b]
             assert g is not None and p.grad is not None
             g[start:start + p.numel()].copy_(p.grad.reshape(-1))
@@ -219,6 +222,10 @@ class ShardedAdamW:
             if self._pending[b] == 0:
                 self._reduce_scatter(b)
         return hook
+
+    def _track(self) -> None:
+        live = [g for g in [*self.grads, self.grad_shard] if g is not None]
+        self.peak_grad_bytes = max(self.peak_grad_bytes, sum(g.numel() * g.element_size() for g in live))
 
     def _reduce_scatter(self, b: int) -> None:
         g, chunk = self.grads[b], self.chunk[b]
@@ -444,7 +451,8 @@ def train_zero(rank: int, world: int, stage: int, config: dict, steps: int = 3, 
         dist.all_reduce(total, group=group)
         losses.append(total.item() / world)
     weights = {n: _local_full(p).detach().clone() for n, p in model.named_parameters()}
-    return {"losses": losses, "weights": weights, "held": held, "comm": comm,
+    peak = optimizer.peak_grad_bytes if isinstance(optimizer, ShardedAdamW) else held["grads"]
+    return {"losses": losses, "weights": weights, "held": held, "comm": comm, "peak_grad_bytes": peak,
             "n_params": sum(p.numel() for p in model.parameters())}
 
 
@@ -456,11 +464,13 @@ def _local_full(t: torch.Tensor) -> torch.Tensor:
 
 def train_zero_stages(rank: int, world: int, config: dict, batch_size: int = 4,
                       stages: tuple[int, ...] = (0, 1, 2, 3), precisions: tuple[str, ...] = ("fp64", "mixed"),
-                      sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
+                      sizes: tuple[int, ...] | None = None,
+                      bucket_numel: int | None = None) -> dict[str, Any]:
     """:func:`train_zero` for every stage, precision and group size in one group of processes
     (starting processes costs seconds), keyed ``"<precision>-<stage>@<size>"``. For a size n smaller
     than ``world`` the ranks split into ``world / n`` groups of n consecutive ranks that each train the
-    same model (a 2-D mesh's rows); ``sizes`` defaults to ``(world,)``.
+    same model (a 2-D mesh's rows); ``sizes`` defaults to ``(world,)``. ``bucket_numel`` goes to
+    :class:`ShardedAdamW`.
 
     Built in: 08_model_parallel
     """
@@ -472,5 +482,6 @@ def train_zero_stages(rank: int, world: int, config: dict, batch_size: int = 4,
         for p in precisions:
             for s in stages:
                 out[f"{p}-{s}@{n}"] = train_zero(rank, world, s, config, precision=p,
-                                                 batch_size=batch_size, mesh=mesh)
+                                                 batch_size=batch_size, mesh=mesh,
+                                                 bucket_numel=bucket_numel)
     return out
