@@ -23,6 +23,8 @@ from minigpt.checks import positive_int
 EXAMPLES = """examples:
   python -m minigpt train --data stories --tokenizer char --out runs/stories
   torchrun --nproc_per_node=2 -m minigpt train --data stories --batch-size 6 --out runs/stories-ddp
+  torchrun --nproc_per_node=2 -m minigpt train --fsdp --batch-size 6 --out runs/stories-fsdp
+  torchrun --nproc_per_node=2 -m minigpt train --tensor-parallel 2 --out runs/stories-tp
   python -m minigpt train --data input.txt --tokenizer char --n-layer 4 --n-head 4 --n-embd 128 \\
       --block-size 64 --batch-size 12 --max-steps 2000 --lr 1e-3 --min-lr 1e-4 --out runs/shakespeare
   python -m minigpt train --resume runs/shakespeare --max-steps 4000
@@ -111,6 +113,13 @@ def build_parser(bare: bool = False) -> argparse.ArgumentParser:
                      help="bf16 autocast: auto = where the hardware multiplies bf16 natively")
     run.add_argument("--compile", action="store_true", default=default(False), help="torch.compile the model")
     run.add_argument("--no-progress", action="store_true", default=default(False), help="no progress bar")
+    shard = t.add_argument_group("sharding (under torchrun, in place of copying the model to every process)")
+    shard.add_argument("--fsdp", action="store_true", default=default(False),
+                       help="shard parameters, gradients and optimizer state over the data-parallel "
+                            "processes (ZeRO-3, FSDP2)")
+    shard.add_argument("--tensor-parallel", type=int, metavar="N", default=default(1),
+                       help="split every block over N processes that read the same data (all of them; with "
+                            "--fsdp, each group of N)")
 
     s = sub.add_parser("sample", help="generate text from a trained checkpoint",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -193,6 +202,14 @@ def _train(args, given: set[str]) -> None:
 
     if args.steps is not None:
         positive_int("--steps", args.steps)
+    from minigpt.distributed import rank_and_world
+
+    plan = None
+    if args.fsdp or args.tensor_parallel != 1:  # checked before the data is made
+        from minigpt.parallel.sharded import ShardedTrainer, ShardPlan
+
+        plan = ShardPlan(args.fsdp, args.tensor_parallel)
+        plan.check_world(rank_and_world()[1])
     from minigpt.data import train_val_split
     from minigpt.model import GPT, GPTConfig
     from minigpt.tokenizer import BPETokenizer, CharTokenizer
@@ -223,12 +240,14 @@ def _train(args, given: set[str]) -> None:
     out = args.resume or args.out
     if out is None:
         raise ValueError("--out DIR is required (or --resume DIR)")
-    trainer = Trainer(model, train_ids, val_ids, config, tokenizer=tokenizer, out_dir=out,
-                      data_settings=data)
+    saved = {"tokenizer": tokenizer, "out_dir": out, "data_settings": data}
+    trainer = (Trainer(model, train_ids, val_ids, config, **saved) if plan is None
+               else ShardedTrainer(model, train_ids, val_ids, config, plan, **saved))
     if ckpt is not None:
         trainer.load(args.resume)
     if trainer.rank == 0:
         processes = f" x {trainer.world_size} processes" if trainer.world_size > 1 else ""
+        processes += f", {plan}" if plan is not None else ""
         print(f"training {model.num_parameters():,} parameters on {len(train_ids):,} tokens "
               f"({trainer.device}{processes}, {trainer.global_batch} windows a step); checkpoints in {out}",
               file=sys.stderr)

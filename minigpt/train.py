@@ -291,26 +291,32 @@ class Trainer:
         self.history: list[dict] = []
         torch.manual_seed(config.seed)
         self.data_generator = torch.Generator().manual_seed(config.seed)
-        # Under a process group, DistributedDataParallel starts every copy from rank 0's weights and,
-        # during backward, averages the gradients across processes in buckets as they become ready.
-        self.parallel: torch.nn.Module = self.model
-        if self.world_size > 1:
-            self.parallel = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # (this process's share of every global batch, of how many shares): one per process under DDP;
+        # a sharded run's tensor-parallel ranks share one (minigpt.parallel.sharded.ShardedTrainer)
+        self.data_shard = (self.rank, self.world_size)
+        self.parallel = self.wrap(self.model)
         self.forward = torch.compile(self.parallel) if config.compile else self.parallel
+
+    def wrap(self, model: GPT) -> torch.nn.Module:
+        """Under a process group, DistributedDataParallel starts every copy from rank 0's weights and,
+        during backward, averages the gradients across processes in buckets as they become ready."""
+        cuda = self.device.type == "cuda"
+        return model if self.world_size == 1 else DistributedDataParallel(
+            model, device_ids=[self.device.index] if cuda else None)
 
     @property
     def global_batch(self) -> int:
-        """Windows per optimizer step, all processes together: batch_size x grad_accum x processes."""
-        return self.config.batch_size * self.config.grad_accum * self.world_size
+        """Windows per optimizer step, all processes together: batch_size x grad_accum x data shares."""
+        return self.config.batch_size * self.config.grad_accum * self.data_shard[1]
 
     # -- one step ------------------------------------------------------------------------------------
     def _batch(self, data, batch_size: int, generator: torch.Generator):
         """This process's share of a global batch of ``batch_size x world_size`` windows."""
         if isinstance(data, TokenWindows):
-            return data.batch(batch_size, generator, self.device, shard=(self.rank, self.world_size))
-        rows = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
-        return tuple(t[rows] for t in data.batch(batch_size * self.world_size, generator, self.device))
+            return data.batch(batch_size, generator, self.device, shard=self.data_shard)
+        share, shares = self.data_shard
+        rows = slice(share * batch_size, (share + 1) * batch_size)
+        return tuple(t[rows] for t in data.batch(batch_size * shares, generator, self.device))
 
     def _loss(self, x, y) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
@@ -325,7 +331,7 @@ class Trainer:
         total = 0.0
         for micro in range(c.grad_accum):
             x, y = self._batch(self.train_data, c.batch_size, self.data_generator)
-            self.tokens += x.numel() * self.world_size
+            self.tokens += x.numel() * self.data_shard[1]
             # all-reduce once per step: skip the gradient sync on every micro-batch but the last
             last = micro == c.grad_accum - 1
             sync: contextlib.AbstractContextManager = contextlib.nullcontext()
@@ -342,11 +348,14 @@ class Trainer:
         set_learning_rate(self.optimizer, learning_rate(self.step, c))
         total = self.accumulate_gradients()
         if c.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            self.clip_gradients(c.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return total
+
+    def clip_gradients(self, max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -403,11 +412,20 @@ class Trainer:
         return self.history
 
     # -- checkpoints ---------------------------------------------------------------------------------
+    def state_dicts(self) -> tuple[dict, dict]:
+        """The model's and the optimizer's state dicts, as one process holds them."""
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def load_state_dicts(self, model: dict, optimizer: dict) -> None:
+        self.model.load_state_dict(model)
+        self.optimizer.load_state_dict(optimizer)
+
     def state(self) -> dict:
+        model, optimizer = self.state_dicts()
         return {
             "format": "minigpt-checkpoint 1",
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "optimizer": optimizer,
             "step": self.step,
             "model_config": asdict(self.model.config),
             "train_config": asdict(self.config),
@@ -421,17 +439,19 @@ class Trainer:
 
     def save(self, out_dir: str | Path | None = None) -> Path:
         """Write checkpoint.pt and history.json into ``out_dir`` atomically; return the checkpoint's path.
-        Under a process group only rank 0 writes: every process holds the same state.
+        Under a process group only rank 0 writes (every process makes the state: a sharded one
+        gathers it).
 
         Built in: 04_pretraining
         """
         out = Path(out_dir) if out_dir is not None else self.out_dir
         if out is None:
             raise ValueError("no out_dir: pass one to save() or to the Trainer")
+        state = self.state()
         if self.rank != 0:
             return out / CHECKPOINT
         buf = io.BytesIO()
-        torch.save(self.state(), buf)
+        torch.save(state, buf)
         atomic_write(out / CHECKPOINT, buf.getvalue())
         atomic_write(out / HISTORY, json.dumps(self.history, indent=1))
         return out / CHECKPOINT
@@ -449,8 +469,7 @@ class Trainer:
         if diff:
             what = ", ".join(f"{k}={a} in the checkpoint but {b} here" for k, (a, b) in diff.items())
             raise ValueError(f"cannot resume: the checkpoint's model differs ({what})")
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.load_state_dicts(ckpt["model"], ckpt["optimizer"])
         self.step = ckpt["step"]
         self.history = list(ckpt.get("history", []))
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
