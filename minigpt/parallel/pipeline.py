@@ -23,6 +23,8 @@ Built in: 08_model_parallel
 from __future__ import annotations
 
 import copy
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -289,12 +291,69 @@ def _count_saved(module: nn.Module, into: list[int]) -> Iterator[None]:
         yield
 
 
+class _Inbox:
+    """Receives micro-batch 0, 1, 2, ... from one neighbour, each with its receive posted while the
+    previous one is used: the message can arrive while this stage computes, instead of the sender
+    waiting until this stage asks for it."""
+
+    def __init__(self, peer: int, shape: tuple[int, ...], dtype: torch.dtype, count: int):
+        self.peer, self.shape, self.dtype, self.count = peer, shape, dtype, count
+        self.posted: dict[int, tuple[torch.Tensor, dist.Work]] = {}
+        self._post(0)
+
+    def _post(self, i: int) -> None:
+        if i < self.count:
+            buffer = torch.empty(self.shape, dtype=self.dtype)
+            work = dist.irecv(buffer, self.peer, tag=i)
+            if work is None:  # only a rank outside the group gets None
+                raise RuntimeError(f"irecv from rank {self.peer} was not posted")
+            self.posted[i] = (buffer, work)
+
+    def take(self, i: int) -> torch.Tensor:
+        buffer, work = self.posted.pop(i)
+        work.wait()
+        self._post(i + 1)
+        return buffer
+
+
+class _Outbox:
+    """Sends in a thread of its own, in the order given: a send that waits until its receiver takes
+    the message (gloo writes to the socket from the caller's thread) then holds up only this thread,
+    not the stage's next piece of work, as a GPU's copy engine sends while its cores compute."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[tuple[torch.Tensor, int, int] | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            tensor, peer, tag = item
+            try:
+                dist.send(tensor, peer, tag=tag)
+            except BaseException as error:  # raised again in the stage's thread by close()
+                self.error = error
+                return
+
+    def send(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
+        self.queue.put((tensor, peer, tag))
+
+    def close(self) -> None:
+        """Wait until every message has been sent."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 def run_schedule(stage: GPTStage, schedule: str, idx: torch.Tensor, targets: torch.Tensor,
                  micro_batches: int) -> StageRun:
     """Run one training step's forwards and backwards of ``stage`` in this process, under ``schedule``,
     over ``micro_batches`` equal slices of the batch ``idx``, ``targets`` (B, T) (every rank passes the
     whole batch; the first stage reads ``idx``, the last ``targets``). Activations go to rank s + 1 and
-    their gradients come back to rank s - 1 by send and recv (tag: the micro-batch). Gradients
+    their gradients come back to rank s - 1 by isend and irecv (tag: the micro-batch; the receive
+    for the next micro-batch is posted while the current one is used). Gradients
     accumulate in ``.grad``: the last stage divides each micro-batch's summed cross-entropy by the
     batch's count of targets, so the step's loss and gradients are the whole batch's mean.
 
@@ -317,19 +376,20 @@ def run_schedule(stage: GPTStage, schedule: str, idx: torch.Tensor, targets: tor
     n_targets = (targets != -100).sum()
     dtype = next(stage.parameters()).dtype
     shape = (xs[0].shape[0], xs[0].shape[1], stage.config.n_embd)
+    # activations come from s - 1 and gradients from s + 1, each in micro-batch order
+    activations = None if stage.first else _Inbox(s - 1, shape, dtype, micro_batches)
+    gradients = None if stage.last else _Inbox(s + 1, shape, dtype, micro_batches)
     inputs: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
     held: dict[int, int] = {}
     run = StageRun(loss=0.0)
-    sends: list[dist.Work] = []
+    outbox = _Outbox()
     for kind, i in order:
         if kind == "F":
-            if stage.first:
+            if activations is None:
                 x = xs[i]
             else:
-                x = torch.empty(shape, dtype=dtype)
-                dist.recv(x, s - 1, tag=i)
-                x.requires_grad_(True)
+                x = activations.take(i).requires_grad_(True)
             saved = [0]
             start = time.perf_counter()
             with _count_saved(stage, saved):
@@ -341,27 +401,23 @@ def run_schedule(stage: GPTStage, schedule: str, idx: torch.Tensor, targets: tor
             if stage.last:
                 run.loss += out.item()
             else:
-                sends.append(_isend(out.detach(), s + 1, tag=i))
+                outbox.send(out.detach(), s + 1, tag=i)
             inputs[i], outputs[i], held[i] = x, out, saved[0]
             run.saved_bytes.append(saved[0])
             run.peak_in_flight = max(run.peak_in_flight, len(held))
             run.peak_saved_bytes = max(run.peak_saved_bytes, sum(held.values()))
         else:
             out, x = outputs.pop(i), inputs.pop(i)
-            grad = None
-            if not stage.last:
-                grad = torch.empty_like(out)
-                dist.recv(grad, s + 1, tag=i)
+            grad = None if gradients is None else gradients.take(i)
             start = time.perf_counter()
             torch.autograd.backward(out, grad)
             end = time.perf_counter()
             del held[i]
             if not stage.first:
                 assert x.grad is not None  # the received activation requires its gradient
-                sends.append(_isend(x.grad, s - 1, tag=i))
+                outbox.send(x.grad, s - 1, tag=i)
         run.events.append((kind, i, start, end))
-    for work in sends:
-        work.wait()
+    outbox.close()
     return run
 
 
