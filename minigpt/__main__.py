@@ -254,7 +254,8 @@ def _train(args, given: set[str]) -> None:
     try:
         history = trainer.train(args.steps)
     except KeyboardInterrupt:
-        print(f"interrupted at step {trainer.step}; checkpoint saved in {out}", file=sys.stderr)
+        kept = "checkpoint saved" if plan is None else "the last checkpoint kept"  # see ShardedTrainer.save
+        print(f"interrupted at step {trainer.step}; {kept} in {out}", file=sys.stderr)
         raise SystemExit(130) from None
     last = history[-1]
     if trainer.rank == 0:

@@ -22,6 +22,7 @@ Built in: 08_model_parallel
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from minigpt.hardware import pick_device
 from minigpt.model import GPT, GPTConfig
 from minigpt.parallel.tensor import dp_tp_gpt, qkv_from_tp, qkv_to_tp, tensor_parallel_gpt
 from minigpt.parallel.zero import fully_shard_gpt
-from minigpt.train import TrainConfig, Trainer
+from minigpt.train import CHECKPOINT, TrainConfig, Trainer
 
 
 @dataclass(frozen=True)
@@ -304,6 +305,14 @@ class ShardedTrainer(Trainer):
 
     def clip_gradients(self, max_norm: float) -> None:
         clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def save(self, out_dir: str | Path | None = None) -> Path:
+        """As :meth:`Trainer.save`, but not on Ctrl-C: each process stops wherever the interrupt
+        finds it, perhaps inside a collective, and gathering the state then could hang; the last
+        checkpoint (every ``checkpoint_interval`` steps) stands."""
+        if isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            return Path(out_dir if out_dir is not None else self.out_dir or ".") / CHECKPOINT
+        return super().save(out_dir)
 
     def state_dicts(self) -> tuple[dict, dict]:
         return full_state_dicts(self.model, self.optimizer, self.plan.tensor_parallel)
