@@ -311,7 +311,7 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------------------
     def _batch(self, data, batch_size: int, generator: torch.Generator):
-        """This process's share of a global batch of ``batch_size x world_size`` windows."""
+        """This process's share of a global batch of ``batch_size`` windows per data share."""
         if isinstance(data, TokenWindows):
             return data.batch(batch_size, generator, self.device, shard=self.data_shard)
         share, shares = self.data_shard

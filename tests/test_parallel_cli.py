@@ -132,3 +132,20 @@ def test_the_command_line_says_what_is_wrong_in_one_line(capsys, tmp_path):
     assert err.count("\n") == 1
     assert err.startswith("python -m minigpt train: error: --tensor-parallel 2 spreads the model over "
                           "processes, but this is one: start it with torchrun")
+
+
+def test_the_sharded_trainer_refuses_what_it_cannot_shard():
+    from minigpt.model import GPT
+    from minigpt.parallel.sharded import ShardedTrainer
+    from minigpt.train import TrainConfig
+
+    ids = torch.arange(100) % 10
+    config = TrainConfig(device="cpu", bf16="off", progress=False)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=10))
+    with pytest.raises(ValueError, match="--compile is not supported with --fsdp"):
+        ShardedTrainer(model, ids, ids, TrainConfig(device="cpu", compile=True), ShardPlan(fsdp=True))
+    model.transformer.wpe.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="trains every parameter; frozen here: transformer.wpe.weight$"):
+        ShardedTrainer(model, ids, ids, config, ShardPlan(fsdp=True))
+    with pytest.raises(ValueError, match="trains a minigpt GPT, not a Linear"):
+        ShardedTrainer(torch.nn.Linear(2, 2), ids, ids, config, ShardPlan(fsdp=True))  # type: ignore[arg-type]

@@ -279,8 +279,8 @@ class ShardedTrainer(Trainer):
             raise ValueError(f"a sharded run trains a minigpt GPT, not a {type(model).__name__}")
         frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
         if frozen:
-            raise ValueError(f"a sharded run trains every parameter; {len(frozen)} are frozen "
-                             f"({frozen[0]}, ...)")
+            raise ValueError(f"a sharded run trains every parameter; frozen here: {', '.join(frozen[:3])}"
+                             f"{' ...' if len(frozen) > 3 else ''}")
         if config.compile:
             raise ValueError(f"--compile is not supported with {plan.flags}: drop one of them")
         plan.check_world(world)
