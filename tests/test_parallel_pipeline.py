@@ -1,9 +1,11 @@
 """Pipeline parallelism: the schedules' orders, the ideal timeline against the bubble formula, and the
-real pipeline in 2 and 4 processes (GPipe and 1F1B) equal to one process in loss and every gradient,
-with its activation memory per stage against the formula."""
+real pipeline in 2 and 4 processes (GPipe and 1F1B, written out; and torch.distributed.pipelining's)
+equal to one process in loss and every gradient, with its activation memory per stage against the
+formula."""
 
 import pytest
 import torch
+from parallel_pipeline import both_pipelines
 
 from minigpt.model import GPT, GPTConfig
 from minigpt.parallel.launch import spawn
@@ -13,16 +15,15 @@ from minigpt.parallel.pipeline import (
     bubble_formula,
     bubble_fraction,
     peak_in_flight_formula,
-    pipeline_worker,
     replay_schedule,
     schedule_order,
     simulate_schedule,
     stage_layers,
-    torch_pipeline_worker,
 )
 
 CONFIG = GPTConfig(block_size=16, vocab_size=32, n_layer=4, n_head=2, n_embd=32)
 RUNS = [("gpipe", 4), ("1f1b", 4), ("1f1b", 8)]
+TORCH_RUNS = [("gpipe", 4), ("1f1b", 4)]
 
 
 def _batch(n: int = 8):
@@ -121,9 +122,14 @@ def _assert_equal_to_one_process(runs, loss, grads, label):
 
 @pytest.mark.parametrize("stages", [2, 4])
 def test_pipeline_step_equals_one_process(stages):
+    """Ours on 2 and 4 processes; torch.distributed.pipelining's schedules on the same 2 processes."""
     idx, targets, loss, grads = _one_process()
-    out = spawn(pipeline_worker, stages, CONFIG, 0, idx, targets, RUNS, len(RUNS), False, torch.float64,
-                timeout=90)
+    torch_runs = TORCH_RUNS if stages == 2 else []
+    both = spawn(both_pipelines, stages, CONFIG, 0, idx, targets, RUNS, torch_runs, torch.float64,
+                 timeout=90)
+    for k, (schedule, _) in enumerate(torch_runs):
+        _assert_equal_to_one_process([b["torch"][k] for b in both], loss, grads, f"torch {schedule}")
+    out = [b["ours"] for b in both]
     for k, (schedule, m) in enumerate(RUNS):
         runs = [out[s][k] for s in range(stages)]
         _assert_equal_to_one_process(runs, loss, grads, f"{schedule} m={m} p={stages}")
@@ -142,14 +148,6 @@ def test_pipeline_step_equals_one_process(stages):
                 if before in end:
                     assert start >= end[before]
         assert 0.0 < bubble_fraction([run["events"] for run in runs]) < 1.0
-
-
-def test_torchs_own_pipeline_schedules_equal_one_process():
-    idx, targets, loss, grads = _one_process()
-    runs = [("gpipe", 4), ("1f1b", 4)]
-    out = spawn(torch_pipeline_worker, 2, CONFIG, 0, idx, targets, runs, torch.float64, timeout=90)
-    for k, (schedule, _) in enumerate(runs):
-        _assert_equal_to_one_process([out[s][k] for s in range(2)], loss, grads, f"torch {schedule}")
 
 
 def test_bad_arguments_are_refused():

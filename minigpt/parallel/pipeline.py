@@ -352,8 +352,8 @@ def run_schedule(stage: GPTStage, schedule: str, idx: torch.Tensor, targets: tor
     """Run one training step's forwards and backwards of ``stage`` in this process, under ``schedule``,
     over ``micro_batches`` equal slices of the batch ``idx``, ``targets`` (B, T) (every rank passes the
     whole batch; the first stage reads ``idx``, the last ``targets``). Activations go to rank s + 1 and
-    their gradients come back to rank s - 1 by isend and irecv (tag: the micro-batch; the receive
-    for the next micro-batch is posted while the current one is used). Gradients
+    their gradients come back to rank s - 1 (tag: the micro-batch): sends go from a thread of their
+    own, and the receive for the next micro-batch is posted while the current one is used. Gradients
     accumulate in ``.grad``: the last stage divides each micro-batch's summed cross-entropy by the
     batch's count of targets, so the step's loss and gradients are the whole batch's mean.
 
