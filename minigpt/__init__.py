@@ -19,6 +19,9 @@ Modules, in the order the chapters build them:
 - ``lora``: LoRA adapters (add, merge, count, save and load).
 - ``scaling``: scaling laws, compute-optimal sizes, muP's coordinate check.
 - ``distributed``: data parallelism under torchrun, the ring all-reduce and its cost.
+- ``moe``: a mixture-of-experts MLP, chosen per block by ``GPTConfig(n_expert=...)``.
+- ``parallel``: model parallelism (ZeRO and FSDP, tensor, pipeline, context and expert parallelism,
+  ``--fsdp`` and ``--tensor-parallel`` training, the planner), each run in processes.
 
 ``minigpt`` never imports ``wafer``.
 """
