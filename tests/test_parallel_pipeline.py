@@ -8,17 +8,17 @@ import torch
 from parallel_pipeline import both_pipelines
 
 from minigpt.model import GPT, GPTConfig
+from minigpt.parallel import pipeline, schedules
 from minigpt.parallel.launch import spawn
-from minigpt.parallel.pipeline import (
+from minigpt.parallel.pipeline import GPTStage, stage_layers
+from minigpt.parallel.schedules import (
     SCHEDULES,
-    GPTStage,
     bubble_formula,
     bubble_fraction,
     peak_in_flight_formula,
     replay_schedule,
     schedule_order,
     simulate_schedule,
-    stage_layers,
 )
 
 CONFIG = GPTConfig(block_size=16, vocab_size=32, n_layer=4, n_head=2, n_embd=32)
@@ -78,6 +78,20 @@ def test_a_replay_keeps_each_pieces_duration_and_removes_the_waits(schedule):
     replayed = replay_schedule(schedule, late)
     assert [[e[:2] for e in st] for st in replayed] == [[e[:2] for e in st] for st in ideal]
     assert all(abs(x[3] - y[3]) < 1e-9 for a, b in zip(replayed, ideal) for x, y in zip(a, b))
+    # durations given apart from the events (as CPU times are) replace the events' own
+    halves = [[(b - a) / 2 for _, _, a, b in stage] for stage in late]
+    half = replay_schedule(schedule, late, halves)
+    assert all(abs(x[3] - y[3] / 2) < 1e-9 for a, b in zip(half, ideal) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="one per event"):
+        replay_schedule(schedule, late, [h[:-1] for h in halves])
+    with pytest.raises(ValueError, match="positive"):
+        replay_schedule(schedule, late, [[0.0] * len(h) for h in halves])
+
+
+def test_the_schedules_arithmetic_is_importable_from_the_pipeline_module():
+    for name in ("SCHEDULES", "Event", "schedule_order", "bubble_formula", "bubble_fraction",
+                 "peak_in_flight_formula", "simulate_schedule", "replay_schedule"):
+        assert getattr(pipeline, name) is getattr(schedules, name)
 
 
 def test_stages_chained_in_one_process_are_the_gpt():
@@ -148,6 +162,13 @@ def test_pipeline_step_equals_one_process(stages):
                 if before in end:
                     assert start >= end[before]
         assert 0.0 < bubble_fraction([run["events"] for run in runs]) < 1.0
+        # every piece's CPU time was recorded, and one thread's CPU time cannot outrun the wall
+        # clock (a millisecond of slack: the two clocks tick apart)
+        for run in runs:
+            assert len(run["cpu"]) == len(run["events"])
+            assert all(0.0 < c <= b - a + 1e-3 for c, (_, _, a, b) in zip(run["cpu"], run["events"]))
+        replayed = replay_schedule(schedule, [run["events"] for run in runs], [run["cpu"] for run in runs])
+        assert 0.0 <= bubble_fraction(replayed) < 1.0
 
 
 def test_bad_arguments_are_refused():

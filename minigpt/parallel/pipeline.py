@@ -12,10 +12,13 @@ is the *schedule* (:func:`schedule_order`):
 - **1F1B** (Narayanan et al., 2019, PipeDream): ``p - s - 1`` forwards to fill the pipe, then one
   forward and one backward in turn, then the remaining backwards. Stage s holds at most ``p - s``.
 
-Both leave each stage idle for the same share of the step, the *bubble* ``(p - 1) / (m + p - 1)``
-(:func:`bubble_formula`), when every stage takes the same time. :func:`simulate_schedule` draws the
-ideal schedule from that assumption; :func:`run_schedule` runs a real one and records when each
-forward and backward started and ended, so that :func:`bubble_fraction` measures the bubble.
+Both leave each stage idle for the same share of the step, the *bubble* ``(p - 1) / (m + p - 1)``,
+when every stage takes the same time. The schedules' arithmetic (their orders, the formulas, the ideal
+timeline and the bubble of a timeline) lives in :mod:`minigpt.parallel.schedules` and is imported here
+too. This module runs a real pipeline: :func:`run_schedule` runs one stage of a step and records, for
+every forward and backward, when it started and ended on the machine's clock and how much CPU time its
+thread spent on it, so that the bubble can be measured on the wall clock and replayed from the
+stages' own work.
 
 Built in: 08_model_parallel
 """
@@ -38,9 +41,14 @@ from torch import nn
 from minigpt.checks import positive_int
 from minigpt.model import GPT, GPTConfig
 from minigpt.parallel.launch import shard_range
+from minigpt.parallel.schedules import SCHEDULES, Event, schedule_order
 
-SCHEDULES = ("gpipe", "1f1b")
-Event = tuple[str, int, float, float]  # ("F" or "B", micro-batch, start seconds, end seconds)
+# the schedules' arithmetic, re-exported (``x as x``) for code that imports it from here
+from minigpt.parallel.schedules import bubble_formula as bubble_formula
+from minigpt.parallel.schedules import bubble_fraction as bubble_fraction
+from minigpt.parallel.schedules import peak_in_flight_formula as peak_in_flight_formula
+from minigpt.parallel.schedules import replay_schedule as replay_schedule
+from minigpt.parallel.schedules import simulate_schedule as simulate_schedule
 
 
 def stage_layers(n_layer: int, stages: int) -> list[range]:
@@ -128,147 +136,33 @@ class GPTStage(nn.Module):
         return x
 
 
-# --- schedules ---------------------------------------------------------------------------------------
-
-def schedule_order(schedule: str, stage: int, stages: int, micro_batches: int) -> list[tuple[str, int]]:
-    """The order in which stage ``stage`` runs its ``m`` forwards ("F", i) and backwards ("B", i).
-
-    GPipe: F0 ... F(m-1), then B0 ... B(m-1). 1F1B: ``w = min(p - s - 1, m)`` warm-up forwards, then
-    for each remaining micro-batch one forward and the backward of the oldest one held, then the ``w``
-    backwards left (the cool-down). Backwards run in micro-batch order in both, so the gradients a
-    stage receives arrive in the order it asks for them.
-
-    Built in: 08_model_parallel
-    """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r} must be one of {SCHEDULES}")
-    positive_int("micro_batches", micro_batches)
-    if not 0 <= stage < stages:
-        raise ValueError(f"stage={stage} must be in [0, {stages})")
-    m = micro_batches
-    if schedule == "gpipe":
-        return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
-    warm = min(stages - stage - 1, m)
-    order = [("F", i) for i in range(warm)]
-    for i in range(m - warm):
-        order += [("F", warm + i), ("B", i)]
-    return order + [("B", i) for i in range(m - warm, m)]
-
-
-def bubble_formula(stages: int, micro_batches: int) -> float:
-    """The idle share of a pipeline step when every stage's forward and backward take the same time:
-    the step lasts ``m + p - 1`` forward-and-backward slots, of which each stage is busy ``m``, so it
-    idles ``(p - 1) / (m + p - 1)`` of it (GPipe and 1F1B alike).
-
-    Built in: 08_model_parallel
-    """
-    positive_int("stages", stages)
-    positive_int("micro_batches", micro_batches)
-    return (stages - 1) / (micro_batches + stages - 1)
-
-
-def peak_in_flight_formula(schedule: str, stage: int, stages: int, micro_batches: int) -> int:
-    """How many micro-batches' activations stage ``stage`` holds at most: GPipe ``m``; 1F1B
-    ``min(p - s, m)``.
-
-    Built in: 08_model_parallel
-    """
-    order = schedule_order(schedule, stage, stages, micro_batches)  # validates the arguments
-    del order
-    return micro_batches if schedule == "gpipe" else min(stages - stage, micro_batches)
-
-
-def simulate_schedule(schedule: str, stages: int, micro_batches: int, forward: float = 1.0,
-                      backward: float = 2.0, durations: dict[tuple[str, int, int], float] | None = None,
-                      ) -> list[list[Event]]:
-    """The ideal timeline: each stage runs its :func:`schedule_order`, every forward takes ``forward``
-    and every backward ``backward`` time units (or, with ``durations``, piece (kind, stage,
-    micro-batch) takes ``durations[kind, stage, i]``), messages arrive at once and nothing runs
-    between two pieces of work. A forward starts when the stage is free and the previous stage has
-    finished that micro-batch's forward; a backward when the next stage has finished its backward (on
-    the last stage: when its own forward has finished). Returns each stage's events (kind,
-    micro-batch, start, end).
-
-    Built in: 08_model_parallel
-    """
-    if not (forward > 0 and backward > 0):
-        raise ValueError(f"forward={forward} and backward={backward} must be positive durations")
-    orders = [schedule_order(schedule, s, stages, micro_batches) for s in range(stages)]
-    done: dict[tuple[str, int, int], float] = {}  # (kind, stage, micro-batch) -> end time
-    events: list[list[Event]] = [[] for _ in range(stages)]
-    free, nxt = [0.0] * stages, [0] * stages
-    while any(nxt[s] < len(orders[s]) for s in range(stages)):
-        progressed = False
-        for s in range(stages):
-            if nxt[s] == len(orders[s]):
-                continue
-            kind, i = orders[s][nxt[s]]
-            need = (("F", s - 1, i) if s > 0 else None) if kind == "F" else \
-                (("B", s + 1, i) if s < stages - 1 else ("F", s, i))
-            if need is not None and need not in done:
-                continue
-            start = max(free[s], done[need] if need is not None else 0.0)
-            if durations is not None:
-                end = start + durations[kind, s, i]
-            else:
-                end = start + (forward if kind == "F" else backward)
-            done[(kind, s, i)], free[s] = end, end
-            events[s].append((kind, i, start, end))
-            nxt[s] += 1
-            progressed = True
-        if not progressed:  # cannot happen for the two schedules here; a guard against a bad order
-            raise RuntimeError(f"schedule {schedule!r} deadlocks: no stage can start its next step")
-    return events
-
-
-def replay_schedule(schedule: str, events: list[list[Event]]) -> list[list[Event]]:
-    """A measured run replayed on the ideal machine: every forward and backward keeps the duration it
-    was measured with, but messages take no time and nothing runs between two pieces of work. Its
-    bubble against the formula's shows what unequal work costs; the measured bubble against the
-    replay's, what messages and the time between pieces of work cost.
-
-    Built in: 08_model_parallel
-    """
-    durations = {(kind, s, i): end - start for s, stage in enumerate(events) for kind, i, start, end in stage}
-    return simulate_schedule(schedule, len(events), len(events[0]) // 2, durations=durations)
-
-
-def bubble_fraction(events: list[list[Event]]) -> float:
-    """The measured bubble: the share of the pipeline's step (from the first start on any stage to the
-    last end) in which a stage computed nothing, averaged over the stages. Waiting for a message counts
-    as idle, as it does on a real machine.
-
-    Built in: 08_model_parallel
-    """
-    if not events or not all(events):
-        raise ValueError("events must hold at least one event per stage")
-    start = min(e[2] for stage in events for e in stage)
-    end = max(e[3] for stage in events for e in stage)
-    busy = sum(e[3] - e[2] for stage in events for e in stage)
-    return 1.0 - busy / (len(events) * (end - start))
-
-
 # --- running a schedule in processes ------------------------------------------------------------------
 
 @dataclass
 class StageRun:
     """What one stage recorded in one step: the batch's loss (on the last stage; 0 elsewhere), its
-    events (kind, micro-batch, start, end) in seconds of the machine's monotonic clock, the most
+    events (kind, micro-batch, start, end) in seconds of the machine's monotonic clock, the CPU time
+    (seconds) the stage's thread spent on each of them (``cpu``, in the order of ``events``), the most
     micro-batches whose activations it held at once, and the bytes autograd saved for the backward
     (per micro-batch, and at the peak).
+
+    A piece's wall-clock time is its CPU time plus the time its thread waited for a core; when other
+    processes share the cores, the first grows and the second does not.
 
     Built in: 08_model_parallel
     """
 
     loss: float
     events: list[Event] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
     peak_in_flight: int = 0
     saved_bytes: list[int] = field(default_factory=list)
     peak_saved_bytes: int = 0
 
     def as_dict(self) -> dict:
         """Plain values, to travel back from a process."""
-        return {"loss": self.loss, "events": list(self.events), "peak_in_flight": self.peak_in_flight,
+        return {"loss": self.loss, "events": list(self.events), "cpu": list(self.cpu),
+                "peak_in_flight": self.peak_in_flight,
                 "saved_bytes": list(self.saved_bytes), "peak_saved_bytes": self.peak_saved_bytes}
 
 
@@ -353,7 +247,9 @@ def run_schedule(stage: GPTStage, schedule: str, idx: torch.Tensor, targets: tor
     over ``micro_batches`` equal slices of the batch ``idx``, ``targets`` (B, T) (every rank passes the
     whole batch; the first stage reads ``idx``, the last ``targets``). Activations go to rank s + 1 and
     their gradients come back to rank s - 1 (tag: the micro-batch): sends go from a thread of their
-    own, and the receive for the next micro-batch is posted while the current one is used. Gradients
+    own, and the receive for the next micro-batch is posted while the current one is used. Each forward
+and backward is timed on the wall clock (``time.perf_counter``) and in this thread's CPU time
+(``time.thread_time``), around the computation only: receiving and sending are outside. Gradients
     accumulate in ``.grad``: the last stage divides each micro-batch's summed cross-entropy by the
     batch's count of targets, so the step's loss and gradients are the whole batch's mean.
 
@@ -391,13 +287,13 @@ def run_schedule(stage: GPTStage, schedule: str, idx: torch.Tensor, targets: tor
             else:
                 x = activations.take(i).requires_grad_(True)
             saved = [0]
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             with _count_saved(stage, saved):
                 out = stage(x)
                 if stage.last:
                     out = F.cross_entropy(out.flatten(0, 1).float(), ys[i].flatten(), ignore_index=-100,
                                           reduction="sum") / n_targets
-            end = time.perf_counter()
+            end, cpu = time.perf_counter(), time.thread_time() - cpu
             if stage.last:
                 run.loss += out.item()
             else:
@@ -409,14 +305,15 @@ def run_schedule(stage: GPTStage, schedule: str, idx: torch.Tensor, targets: tor
         else:
             out, x = outputs.pop(i), inputs.pop(i)
             grad = None if gradients is None else gradients.take(i)
-            start = time.perf_counter()
-            torch.autograd.backward(out, grad)
-            end = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
+            torch.autograd.backward(out, grad)  # on CPU, autograd runs the graph in this thread
+            end, cpu = time.perf_counter(), time.thread_time() - cpu
             del held[i]
             if not stage.first:
                 assert x.grad is not None  # the received activation requires its gradient
                 outbox.send(x.grad, s - 1, tag=i)
         run.events.append((kind, i, start, end))
+        run.cpu.append(cpu)
     outbox.close()
     return run
 
