@@ -21,8 +21,8 @@ STAGE = ROOT / "build" / "site"
 MODULES = {"minigpt": ["envcheck", "stories", "entropy", "data", "files", "checks", "tokenizer", "attention",
                        "model", "generate", "hardware", "train", "finetune", "lora", "distributed", "scaling",
                        "sweep", "widgets", "moe", "parallel", "parallel.launch", "parallel.zero",
-                       "parallel.tensor", "parallel.pipeline", "parallel.context", "parallel.expert",
-                       "parallel.sharded", "parallel.planner"],
+                       "parallel.tensor", "parallel.schedules", "parallel.pipeline", "parallel.context",
+                       "parallel.expert", "parallel.sharded", "parallel.planner"],
            "wafer": ["hardware", "target", "shape", "workload", "stages", "cost", "mesh", "collectives",
                      "viz", "placement", "strategies", "optimize", "placement_sim", "streaming", "inference",
                      "emulate", "kernels", "calibration", "widgets"]}

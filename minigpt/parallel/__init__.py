@@ -5,8 +5,11 @@ checked equal to one process.
 - ``zero``: ZeRO-1 and -2 (a sharded AdamW written out), ZeRO-3, and per-rank memory.
 - ``tensor``: Megatron-style tensor parallelism written out (column then row, heads split), the same
   with torch's ``parallelize_module``, and a 2-D data x tensor mesh.
-- ``pipeline``: GPipe and 1F1B schedules over micro-batches, with the bubble measured.
-- ``context``: ring attention, and the zig-zag split that balances the causal mask.
+- ``schedules``: pipeline schedules as arithmetic: GPipe's and 1F1B's orders, the ideal timeline, the
+  bubble.
+- ``pipeline``: GPipe and 1F1B run with sends and receives over micro-batches, timed.
+- ``context``: ring attention, the zig-zag split that balances the causal mask, and a GPT with its
+  sequence split.
 - ``expert``: a mixture-of-experts MLP (:mod:`minigpt.moe`) with its experts spread over ranks by
   ``all_to_all``.
 - ``sharded``: ``torchrun -m minigpt train --fsdp`` and ``--tensor-parallel N``: the Trainer on a
