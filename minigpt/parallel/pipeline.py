@@ -248,8 +248,8 @@ def run_schedule(stage: GPTStage, schedule: str, idx: torch.Tensor, targets: tor
     whole batch; the first stage reads ``idx``, the last ``targets``). Activations go to rank s + 1 and
     their gradients come back to rank s - 1 (tag: the micro-batch): sends go from a thread of their
     own, and the receive for the next micro-batch is posted while the current one is used. Each forward
-and backward is timed on the wall clock (``time.perf_counter``) and in this thread's CPU time
-(``time.thread_time``), around the computation only: receiving and sending are outside. Gradients
+    and backward is timed on the wall clock (``time.perf_counter``) and in this thread's CPU time
+    (``time.thread_time``), around the computation only: receiving and sending are outside. Gradients
     accumulate in ``.grad``: the last stage divides each micro-batch's summed cross-entropy by the
     batch's count of targets, so the step's loss and gradients are the whole batch's mean.
 
