@@ -94,7 +94,7 @@ def test_cannon_instructions_along_either_side():
         kernels.cannon_gemm(WSE2, 8, 8, 8, 2, c, along="k")
 
 
-def test_prefill_kernel_ideal_matches_chapter_12():
+def test_prefill_kernel_ideal_matches_chapter_13():
     t = Target(WSE2, context=2048)
     for side in (180, 360):
         ideal = kernels.prefill(LLAMA3_8B, t, side, IDEAL)
