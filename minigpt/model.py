@@ -393,13 +393,17 @@ def flops_per_token(config: GPTConfig, context: int | None = None) -> dict[str, 
     as computed, though half is masked), the output projection 2C^2, the MLP 16C^2; then the head
     2CV. Backward costs twice the forward (a gradient for the input and one for the weights of each
     matmul), so training is 3x. Left out: LayerNorm, softmax, GELU, bias adds, embedding lookups,
-    which are O(C) per token, not O(C^2).
+    which are O(C) per token, not O(C^2). With a mixture of experts (``n_expert`` > 0) each token runs
+    ``expert_top_k`` expert MLPs, 16C^2 each, and the router's 2CE (chapter 08).
 
     Built in: 03_gpt
     """
     t = config.block_size if context is None else context
     c, n_layer, v = config.n_embd, config.n_layer, config.vocab_size
-    per_layer = 24 * c * c + 4 * t * c
+    mlp = 16 * c * c
+    if config.n_expert:
+        mlp = config.expert_top_k * 16 * c * c + 2 * c * config.n_expert
+    per_layer = 8 * c * c + mlp + 4 * t * c
     forward = n_layer * per_layer + 2 * c * v
     return {"forward": float(forward), "training": 3.0 * forward,
             "attention_share": n_layer * 4 * t * c / forward}

@@ -86,6 +86,18 @@ def test_initialisation_scales_residual_projections():
 def test_flop_formula_equals_torch_flop_counter(shape, t):
     n_layer, n_head, n_embd, block, vocab = shape
     config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block, vocab_size=vocab)
+    check_flops_against_counter(config, t)
+
+
+@pytest.mark.parametrize("experts, top_k", [(4, 1), (4, 2), (8, 3)])
+def test_flop_formula_counts_a_mixture_of_experts(experts, top_k):
+    # dropless routing runs exactly top_k expert MLPs per token, whatever the router picks
+    check_flops_against_counter(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=100,
+                                          n_expert=experts, expert_top_k=top_k), 64)
+
+
+def check_flops_against_counter(config: GPTConfig, t: int) -> None:
+    vocab = config.vocab_size
     model = GPT(config).eval()
     for m in model.modules():  # FlopCounterMode does not see the CPU SDPA kernel; count the matmuls
         if isinstance(m, MultiHeadAttention):
