@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def _child(rank: int, fn: Callable, world: int, args: tuple, folder: str, threads: int) -> None:
@@ -84,6 +86,31 @@ def _first_failure(folder: Path, name: str, error: Exception) -> str:
         return f"a rank of {name} exited early: {error}"
     _, rank, text = min(errs)
     return f"rank {rank} of {name} failed:\n{text}"
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Counts, while active, the collectives this process issues, by operator (``allreduce_``,
+    ``reduce_scatter_tensor``, ``all_reduce``, ...): ``seen[name]`` is [calls, bytes], the bytes of the
+    largest tensor each call takes (its whole input or output). It watches the operators of the given
+    namespaces: ``c10d`` (what ``torch.distributed`` dispatches, FSDP2's collectives included) and
+    ``_c10d_functional`` (what DTensor calls).
+
+    Built in: 08_model_parallel
+    """
+
+    def __init__(self, namespaces: tuple[str, ...] = ("c10d", "_c10d_functional")) -> None:
+        super().__init__()
+        self.namespaces = namespaces
+        self.seen: dict[str, list[int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace in self.namespaces:
+            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            count = self.seen.setdefault(func.__name__.split(".")[0], [0, 0])
+            count[0] += 1
+            count[1] += max(t.numel() * t.element_size() for t in tensors) if tensors else 0
+        return func(*args, **kwargs)
 
 
 def shard_range(n: int, rank: int, world: int) -> slice:

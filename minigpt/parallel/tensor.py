@@ -30,12 +30,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from minigpt.attention import MultiHeadAttention
 from minigpt.model import GPT, MLP, Block, GPTConfig
-from minigpt.parallel.launch import shard_range
+from minigpt.parallel.launch import CollectiveCounter, shard_range
 
 # --- the fused query/key/value matrix -----------------------------------------------------------------
 
@@ -268,7 +266,7 @@ def gather_tensor_parallel(model: GPT, grads: bool = False, group=None) -> dict[
     return out
 
 
-class AllReduceCounter(TorchDispatchMode):
+class AllReduceCounter(CollectiveCounter):
     """Counts, while active, the all-reduces this process issues and the bytes of the tensors they
     sum: ``dist.all_reduce`` (the ``c10d`` operator, as :func:`megatron_gpt` calls it) and the
     functional all-reduce that DTensor calls (``_c10d_functional``). ``calls`` and ``tensor_bytes``;
@@ -277,18 +275,17 @@ class AllReduceCounter(TorchDispatchMode):
     Built in: 08_model_parallel
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls, self.tensor_bytes = 0, 0
+    def _all_reduces(self) -> list[list[int]]:
+        return [count for name, count in self.seen.items()
+                if "all_reduce" in name.replace("allreduce", "all_reduce")]
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace in ("c10d", "_c10d_functional") and "all_reduce" in func.__name__.replace(
-                "allreduce", "all_reduce"):
-            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            self.calls += 1
-            self.tensor_bytes += max(t.numel() * t.element_size() for t in tensors)
-        return func(*args, **kwargs)
+    @property
+    def calls(self) -> int:
+        return sum(calls for calls, _ in self._all_reduces())
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(nbytes for _, nbytes in self._all_reduces())
 
 
 def tensor_parallel_bytes(batch: int, seq: int, n_embd: int, n_layer: int, world: int,

@@ -28,11 +28,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from minigpt.model import GPT, GPTConfig
-from minigpt.parallel.launch import shard_range
+from minigpt.parallel.launch import CollectiveCounter, shard_range
 
 
 def fully_shard_gpt(model: GPT, mesh: DeviceMesh | None = None, reshard_after_forward: bool = True,
@@ -356,7 +354,7 @@ def held_bytes(model: torch.nn.Module, optimizer: Any) -> dict[str, int]:
     return out
 
 
-class CommCounter(TorchDispatchMode):
+class CommCounter(CollectiveCounter):
     """Counts, while active, the collectives this process issues and their volume in bytes, by what
     the ZeRO paper counts: a reduce-scatter's input, an all-gather's output, twice an all-reduce's
     tensor (a reduce-scatter then an all-gather). It watches the ``c10d`` operators that
@@ -367,21 +365,15 @@ class CommCounter(TorchDispatchMode):
     """
 
     def __init__(self) -> None:
-        super().__init__()
-        self.volume: dict[str, int] = {}
-        self.calls: dict[str, int] = {}
+        super().__init__(namespaces=("c10d",))
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "c10d":
-            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            name = func.__name__.split(".")[0]
-            nbytes = max(t.numel() * t.element_size() for t in tensors) if tensors else 0
-            if "allreduce" in name:
-                nbytes *= 2
-            self.volume[name] = self.volume.get(name, 0) + nbytes
-            self.calls[name] = self.calls.get(name, 0) + 1
-        return func(*args, **kwargs)
+    @property
+    def calls(self) -> dict[str, int]:
+        return {name: calls for name, (calls, _) in self.seen.items()}
+
+    @property
+    def volume(self) -> dict[str, int]:
+        return {name: nbytes * (2 if "allreduce" in name else 1) for name, (_, nbytes) in self.seen.items()}
 
     @property
     def total(self) -> int:
