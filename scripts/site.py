@@ -23,9 +23,9 @@ MODULES = {"minigpt": ["envcheck", "stories", "entropy", "data", "files", "check
                        "sweep", "widgets", "moe", "parallel", "parallel.launch", "parallel.zero",
                        "parallel.tensor", "parallel.schedules", "parallel.pipeline", "parallel.context",
                        "parallel.expert", "parallel.sharded", "parallel.planner"],
-           "wafer": ["hardware", "target", "shape", "workload", "stages", "cost", "mesh", "collectives",
-                     "viz", "placement", "strategies", "optimize", "placement_sim", "streaming", "inference",
-                     "emulate", "kernels", "calibration", "widgets"]}
+           "wafer": ["hardware", "target", "shape", "workload", "stages", "cost", "mesh", "network",
+                     "wavelets", "collectives", "viz", "placement", "strategies", "optimize", "placement_sim",
+                     "streaming", "inference", "emulate", "kernels", "calibration", "widgets"]}
 
 
 def chapters() -> list[str]:

@@ -32,14 +32,15 @@ Built in: 10_mesh
 
 from __future__ import annotations
 
+import gc
 import heapq
-from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 import numpy as np
 
+from wafer import network, wavelets
 from wafer.hardware import TOY, Wafer, positive_int
 
 RAMP, NORTH, SOUTH, EAST, WEST = range(5)
@@ -115,10 +116,8 @@ class _Task:
     pe: int
     ops: list[Op]
     pos: int = 0
-    index: int = 0  # wavelets handled by the current streaming op
+    index: int = 0  # wavelets handled by the current streaming op, once it is done
     started: int = 0
-    free: int = 0  # the first cycle at which the current streaming op can take another wavelet
-    buf: np.ndarray = field(default_factory=lambda: np.empty(0))  # the current streaming op's buffer, flat
 
 
 @dataclass
@@ -235,86 +234,56 @@ class Mesh:
             counts[i] += 1
         return counts.reshape(self.height, self.width)
 
-    def check(self) -> None:
+    def check(self, tables: tuple | None = None) -> None:
         """Refuse routes of one color that form a cycle. (Colors beyond what a PE can route are refused
-        by :meth:`route` already.)"""
+        by :meth:`route` already.) ``tables``: the routes as :func:`wafer.network.route_tables` gives
+        them, if already made."""
         # A cycle: following transmit ports from (pe, color) comes back to it, so a wavelet never drains.
-        nxt: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for (i, color), (_, tx) in self.routes.items():
-            x, y = self.xy(i)
-            nxt[(i, color)] = []
-            for p in [p for p in tx if p != RAMP]:
-                j = self._pe((x + STEP[p][0], y + STEP[p][1]))
-                r = self.routes.get((j, color))
-                if r is not None and OPPOSITE[p] in r[0]:
-                    nxt[(i, color)].append((j, color))
-        state: dict[tuple[int, int], int] = {}  # 1 on the current path, 2 done
-        for start in nxt:
-            if start in state:
-                continue
-            stack = [(start, iter(nxt[start]))]
-            state[start] = 1
-            while stack:
-                node, it = stack[-1]
-                child = next(it, None)
-                if child is None:
-                    state[node] = 2
-                    stack.pop()
-                elif state.get(child) == 1:
-                    path = [node for node, _ in stack]
-                    loop = path[path.index(child):] + [child]
-                    pes = " -> ".join(str(self.xy(i)) for i, _ in loop)
-                    raise MeshError(f"the routes of color {child[1]} form a cycle through PEs {pes}: a "
-                                    f"wavelet on it would never drain")
-                elif child not in state:
-                    state[child] = 1
-                    stack.append((child, iter(nxt[child])))
+        n, colors = self.width * self.height, self.wafer.colors
+        route, mask, keys = tables or network.route_tables(n, colors, self.routes)
+        loop = network.find_cycle(route, mask, keys, self.width, colors)
+        if len(loop):
+            pes = " -> ".join(str(self.xy(int(keys[r, 0]))) for r in loop)
+            raise MeshError(f"the routes of color {int(keys[loop[0], 1])} form a cycle through PEs {pes}: a "
+                            f"wavelet on it would never drain")
 
     # -- the simulation ----------------------------------------------------------------------------------
     def run(self, trace: bool = False, max_cycles: int = 10**9) -> Report:
         """Run every task to completion; return what happened. Tasks are consumed; memory and routes
         stay."""
-        self.check()
+        tables = network.route_tables(self.width * self.height, self.wafer.colors, self.routes)
+        self.check(tables)
         tasks, self.tasks = self.tasks, []
-        return _Run(self, tasks, trace).run(max_cycles)
+        collecting = gc.isenabled()
+        gc.disable()  # a run makes many small objects and frees them itself: no cycles to look for
+        try:
+            return _Run(self, tasks, trace, tables).run(max_cycles)
+        finally:
+            if collecting:
+                gc.enable()
 
 
 class _Run:
     """One run of a mesh's tasks, cycle by cycle: re-sent sums join their ramps, operations whose time
     is up end, each wavelet at a router is copied by its color's route to the queue of every transmit
-    port, and each non-empty queue sends one wavelet on. Cycles in which nothing moves are skipped."""
+    port, and each non-empty queue sends one wavelet on. Cycles in which nothing moves are skipped.
 
-    def __init__(self, mesh: Mesh, tasks: list[_Task], trace: bool):
+    The per-wavelet work is :mod:`wafer.network`'s (compiled); what happens once per operation is
+    here: a task starting a ``Send`` or a streaming operation, a ``Compute`` ending, a task moving on."""
+
+    def __init__(self, mesh: Mesh, tasks: list[_Task], trace: bool, tables: tuple):
         self.mesh, self.tasks = mesh, tasks
-        w, n = mesh.width, mesh.width * mesh.height
-        self.width, self.hop, self.stage = w, mesh.hop_cycles, mesh.stage_cycles
-        # PE i's port p leads to PE i + offset[p] (routes that would leave the grid are refused)
-        self.offset = {p: dx + dy * w for p, (dx, dy) in STEP.items()}
-        self.links = np.zeros((n, 5), dtype=np.int64)
-        # wavelets, (color, value), queued from each PE to its router and at each router's output port
-        self.ramp_out: dict[int, deque[tuple[int, float]]] = defaultdict(deque)
-        self.out: dict[tuple[int, int], deque[tuple[int, float]]] = defaultdict(deque)
-        self.ramp_active: set[int] = set()
-        self.out_active: set[tuple[int, int]] = set()
-        # by cycle: (PE, port, color, value) reaching a router, (PE, color, value) re-sent onto a ramp
-        self.arrivals: dict[int, list[tuple[int, int, int, float]]] = defaultdict(list)
-        self.injections: dict[int, list[tuple[int, int, float]]] = defaultdict(list)
-        self.times: list[int] = []  # heap of cycles with arrivals or injections
+        self.net = network.new_net(mesh.width, mesh.height, mesh.wafer.colors, mesh.hop_cycles,
+                                   mesh.stage_cycles, tables, trace)
+        self.buffers = network.Buffers()
+        self.using: dict[int, int] = {}  # task number -> the buffer its streaming op uses
+        self.colors = mesh.wafer.colors
+        self.labels: dict[tuple[type, int], str] = {}  # (op type, color) -> its timeline label
+        self.task_id = {id(task): j for j, task in enumerate(tasks)}
         self.timers: list[tuple[int, int, _Task, bool]] = []  # heap of (cycle, seq, task, a Compute ends)
-        self.inbox: dict[tuple[int, int], deque[float]] = defaultdict(deque)  # (PE, color) -> not yet taken
-        self.waiting: dict[tuple[int, int], _Task] = {}  # (PE, color) -> the task streaming it in
-        self.fmac_free = [0] * n
+        self.fmac_free = [0] * (mesh.width * mesh.height)
         self.timeline: list[tuple[int, str, int, int]] = []  # (PE, label, start, end)
-        self.sent: list[tuple[int, int, int, int]] | None = [] if trace else None
         self.seq, self.last = 0, 0  # the timers' tie-breaker; the cycle of the last event
-        # each route with the output queues it feeds, looked up once per wavelet
-        self.compiled = {key: (rx, [((key[0], p), self.out[(key[0], p)]) for p in tx])
-                         for key, (rx, tx) in mesh.routes.items()}
-
-    def at(self, table: dict[int, list], t: int, item: tuple) -> None:
-        if t not in table:
-            heapq.heappush(self.times, t)
-        table[t].append(item)
 
     def timer(self, t: int, task: _Task, computed: bool) -> None:
         self.seq += 1
@@ -323,75 +292,81 @@ class _Run:
     # -- tasks -----------------------------------------------------------------------------------------
     def advance(self, task: _Task, t: int) -> None:
         """Start ``task``'s operations from its current one, until one has to wait."""
-        while task.pos < len(task.ops):
-            op = task.ops[task.pos]
-            if isinstance(op, Send):
+        ops = task.ops
+        while task.pos < len(ops):
+            op = ops[task.pos]
+            if type(op) is Send:
                 self.send(task, op, t)
                 task.pos += 1
-            elif isinstance(op, Compute):
+            elif type(op) is Compute:
                 start = max(t, self.fmac_free[task.pe])
                 self.fmac_free[task.pe] = end = start + int(op.cycles)
                 task.started = start
                 self.timer(end, task, True)
                 return
             else:
-                self.stream(task, op, t)
+                self.stream(task, cast(Stream, op), t)
                 return
 
     def send(self, task: _Task, op: Send, t: int) -> None:
+        self.buffers.flush(self.net, task.pe)
         values = np.ravel(op.values if op.values is not None else self.mesh.memory[task.pe][op.name])
-        q = self.ramp_out[task.pe]
-        q.extend((op.color, v) for v in values.tolist())
-        if q:
-            self.ramp_active.add(task.pe)
+        values = values.astype(np.float64, copy=False)
+        self.net = network.grow(self.net, values.size)
+        wavelets.send(self.net, task.pe, op.color, values)
         self.timeline.append((task.pe, f"send c{op.color}", t, t + values.size))
 
     def stream(self, task: _Task, op: Stream, t: int) -> None:
         """Start a streaming op: take what already arrived, then wait for the rest."""
-        mesh, mem = self.mesh, self.mesh.memory[task.pe]
-        key = (task.pe, op.color)
-        if key in self.waiting:
+        mesh, mem, net = self.mesh, self.mesh.memory[task.pe], self.net
+        r = int(net.route[task.pe * self.colors + op.color]) if op.color < self.colors else -1
+        if r >= 0 and net.stream[r, network.TASK] >= 0:
             x, y = mesh.xy(task.pe)
             raise MeshError(f"PE ({x}, {y}) has two tasks receiving color {op.color} at once")
-        if isinstance(op, Recv):
-            if op.name not in mem or mem[op.name].size != op.count:
+        buf = mem.get(op.name)
+        kind = _KINDS[type(op)]
+        if kind == network.RECV:
+            if buf is None or buf.size != op.count:
                 mesh.store(mesh.xy(task.pe), op.name, np.zeros(op.count))
-        elif op.name not in mem or mem[op.name].size < op.count:
+                buf = mem[op.name]
+        elif buf is None or buf.size < op.count:
             x, y = mesh.xy(task.pe)
             raise MeshError(f"PE ({x}, {y}): {type(op).__name__} of {op.count} wavelets needs a buffer "
                             f"{op.name!r} of at least that size")
-        task.index, task.started, task.free = 0, t, t
-        task.buf = mem[op.name].reshape(-1)  # a view: writes land in the PE's buffer
-        self.waiting[key] = task
-        box = self.inbox[key]
-        while box and key in self.waiting:
-            self.handle(task, box.popleft(), t)
+        task.index, task.started = 0, t
+        if r < 0 or not net.mask[r, 1] & 1:  # nothing can reach it: the run will stall
+            return
+        j = self.task_id[id(task)]
+        self.net, offset, self.using[j] = self.buffers.take(net, task.pe, buf)
+        out = op.out if kind == network.REDUCE_SEND else -1  # type: ignore[union-attr]
+        if net.stream[r, network.WAITING]:  # take what already arrived (compiled)
+            wavelets.start_stream(self.net, r, j, kind, op.count, out, offset, t)
+            self.completions(t)
+        else:  # nothing to take yet: only set the stream's state
+            self.net.stream[r, :network.STARTED + 1] = j, kind, 0, op.count, t, out, offset, t
 
-    def handle(self, task: _Task, value: float, t: int) -> None:
-        """A wavelet of ``value`` reaches ``task``'s streaming op at cycle ``t``."""
-        op = cast(Stream, task.ops[task.pos])
-        buf = task.buf
-        i = task.index
-        if isinstance(op, Recv):  # already written to memory as it came off the ramp
-            now = t
-            buf[i] = value
-        else:  # an add per wavelet, one per cycle: wavelets that waited in the inbox queue up
-            now = max(t, task.free)
-            task.free = now + 1
-            if isinstance(op, Reduce):
-                buf[i] += value
-            else:
-                self.at(self.injections, now + self.stage, (task.pe, op.out, value + buf[i]))
-        task.index = i + 1
-        if task.index == op.count:
-            del self.waiting[(task.pe, op.color)]
-            done = now if isinstance(op, Recv) else now + self.stage
-            self.timeline.append((task.pe, f"{type(op).__name__.lower()} c{op.color}", task.started, done))
+    def completions(self, t: int) -> None:
+        """Move on the tasks whose streaming operations the last compiled call completed."""
+        net = self.net
+        n = int(net.sc[network.DONE_N])
+        if not n:
+            return
+        done = net.done[:n].tolist()
+        net.sc[network.DONE_N] = 0
+        for j, started, end in done:
+            task = self.tasks[j]
+            self.buffers.drop(self.net, task.pe, self.using.pop(j))
+            op = cast(Stream, task.ops[task.pos])
+            task.index = op.count
+            label = self.labels.get((type(op), op.color))
+            if label is None:
+                label = self.labels[(type(op), op.color)] = f"{type(op).__name__.lower()} c{op.color}"
+            self.timeline.append((task.pe, label, started, end))
             task.pos += 1
-            if done == t:
+            if end == t:
                 self.advance(task, t)
             else:
-                self.timer(done, task, False)
+                self.timer(end, task, False)
 
     # -- one cycle ---------------------------------------------------------------------------------------
     def fire_timers(self, t: int) -> None:
@@ -401,54 +376,13 @@ class _Run:
             if computed:
                 op = cast(Compute, task.ops[task.pos])
                 if op.fn is not None:
+                    self.buffers.flush(self.net, task.pe)
                     op.fn(self.mesh.memory[task.pe])
+                    self.buffers.reload(self.net, task.pe)
                 self.timeline.append((task.pe, op.label, task.started, t))
                 task.pos += 1
             self.advance(task, t)
             self.last = t
-
-    def enter(self, t: int, moving: Sequence[tuple[int, int, int, float]]) -> None:
-        """Wavelets reach their routers, from each PE's ramp first, then from the links in arrival
-        order; each route copies its wavelet into the queues of its transmit ports."""
-        entering = []
-        for i in list(self.ramp_active):
-            q = self.ramp_out[i]
-            color, value = q.popleft()
-            if not q:
-                self.ramp_active.discard(i)
-            entering.append((i, RAMP, color, value))
-        entering.extend(moving)
-        compiled, out_active = self.compiled, self.out_active
-        for i, came_from, color, value in entering:
-            r = compiled.get((i, color))
-            if r is None or came_from not in r[0]:
-                raise self.misrouted(i, came_from, color, t)
-            for key, q in r[1]:
-                q.append((color, value))
-                out_active.add(key)
-
-    def transmit(self, t: int) -> None:
-        """Every non-empty output queue sends one wavelet: to its PE, or toward the neighbour."""
-        out, out_active, links, waiting, sent = self.out, self.out_active, self.links, self.waiting, self.sent
-        w, arrive = self.width, t + self.hop
-        for key in list(out_active):
-            q = out[key]
-            color, value = q.popleft()
-            if not q:
-                out_active.discard(key)
-            i, p = key
-            links[i, p] += 1
-            self.last = t
-            if p == RAMP:
-                task = waiting.get((i, color))
-                if task is None:
-                    self.inbox[(i, color)].append(value)
-                else:
-                    self.handle(task, value, t)
-            else:
-                if sent is not None:
-                    sent.append((t, i % w, i // w, p))
-                self.at(self.arrivals, arrive, (i + self.offset[p], OPPOSITE[p], color, value))
 
     def misrouted(self, i: int, came_from: int, color: int, t: int) -> MeshError:
         r = self.mesh.routes.get((i, color))
@@ -457,42 +391,66 @@ class _Run:
         return MeshError(f"a wavelet of color {color} reached PE ({x}, {y}) from {PORTS[came_from]} at "
                          f"cycle {t}, but the PE has {have} for that color")
 
+    def next_cycle(self, t: int) -> int | None:
+        """The next cycle at which anything happens after idle cycle ``t``, or None when nothing will."""
+        net, sc = self.net, self.net.sc
+        times = [c for c, *_ in self.timers[:1]]
+        if sc[network.FLIGHT_HEAD] >= 0:
+            times.append(int(net.node[sc[network.FLIGHT_HEAD], network.TIME]))
+        if sc[network.WHEEL_N] or sc[network.HEAP_N]:
+            times.append(wavelets.next_resend(net, t))
+        return min(times) if times else None
+
     def run(self, max_cycles: int) -> Report:
         for task in self.tasks:
             self.advance(task, 0)
-        times, timers = self.times, self.timers
-        t = 0
-        while True:
+        sc = self.net.sc
+        t: int | None = 0
+        while t is not None:
             if t > max_cycles:
                 raise MeshError(f"the run passed max_cycles={max_cycles}")
-            while times and times[0] <= t:
-                heapq.heappop(times)
-            for i, color, value in self.injections.pop(t, ()):
-                self.ramp_out[i].append((color, value))
-                self.ramp_active.add(i)
-            moving = self.arrivals.pop(t, ())
+            wavelets.inject(self.net, t)
             self.fire_timers(t)
-            self.enter(t, moving)
-            self.transmit(t)
-            if self.ramp_active or self.out_active:
-                t += 1
-                continue
-            if not times and not timers:
-                break
-            t = min(times[:1] + [c for c, *_ in timers[:1]])
+            # room for the copies a multicast makes of each entering wavelet, and a trace row for each
+            # queue that may send (those sending now, and those the entering wavelets wake)
+            entering = int(sc[network.RAMPS_N] + sc[network.IN_FLIGHT])
+            net = self.net = network.grow(self.net, 4 * entering, int(sc[network.ACTIVE_N]) + 5 * entering)
+            sc = net.sc
+            if not wavelets.step(net, t):
+                pe, came_from, color = (int(v) for v in sc[network.ERROR_PE:network.ERROR_COLOR + 1])
+                raise self.misrouted(pe, came_from, color, t)
+            self.completions(t)
+            t = t + 1 if sc[network.RAMPS_N] or sc[network.ACTIVE_N] else self.next_cycle(t)
         return self.report()
 
     def report(self) -> Report:
+        for pe in self.buffers.on_pe:  # the buffers of streams that never ended (a stall), as they are
+            self.buffers.flush(self.net, pe)
         stuck = [task for task in self.tasks if task.pos < len(task.ops)]
+        self.last = max(self.last, int(self.net.sc[network.LAST]))
         if stuck:
             task = stuck[0]
             op, (x, y) = cast(Stream, task.ops[task.pos]), self.mesh.xy(task.pe)  # a Compute always ends
+            index = self.stream_index(task, op)
             more = f", and {len(stuck) - 1} more tasks wait too" if len(stuck) > 1 else ""
             raise MeshError(f"the run stalled at cycle {self.last}: PE ({x}, {y}) waits in "
-                            f"{type(op).__name__} for color {op.color} ({task.index} of {op.count} "
+                            f"{type(op).__name__} for color {op.color} ({index} of {op.count} "
                             f"wavelets arrived){more}")
-        w, mesh = self.width, self.mesh
+        w, mesh, net = self.mesh.width, self.mesh, self.net
         timeline = [(i % w, i // w, label, s, e) for i, label, s, e in self.timeline]
         last = max([self.last] + [e for *_, e in timeline])
+        trace = [tuple(row) for row in net.trace[:int(net.sc[network.TRACE_N])].tolist()] \
+            if net.k[network.TRACING] else None
         colors = int(mesh.colors_used().max(initial=0))
-        return Report(last, self.links.reshape(mesh.height, w, 5), timeline, self.sent, colors)
+        return Report(last, net.links.reshape(mesh.height, w, 5), timeline, trace, colors)
+
+    def stream_index(self, task: _Task, op: Stream) -> int:
+        """How many wavelets the stalled streaming op ``op`` of ``task`` has taken."""
+        r = int(self.net.route[task.pe * self.mesh.wafer.colors + op.color]) \
+            if op.color < self.mesh.wafer.colors else -1
+        if r >= 0 and self.net.stream[r, network.TASK] == self.task_id[id(task)]:
+            return int(self.net.stream[r, network.INDEX])
+        return 0
+
+
+_KINDS = {Recv: network.RECV, Reduce: network.REDUCE, ReduceSend: network.REDUCE_SEND}
