@@ -53,6 +53,7 @@ from wafer.mesh import (
     ReduceSend,
     Report,
     Send,
+    paused_gc,
 )
 
 PE = tuple[int, int]  # (x, y)
@@ -268,6 +269,7 @@ def _blocks(n: int, parts: int, what: str) -> int:
     return n // parts
 
 
+@paused_gc()
 def gemv(A: np.ndarray, x: np.ndarray, grid: tuple[int, int], wafer: Wafer = TOY, levels: int = 1,
          ) -> tuple[np.ndarray, Report]:
     """y = A x on a P x Q grid: PE (q, p) holds block (p, q) of A; the top row holds x; x is broadcast
@@ -354,6 +356,7 @@ def shift_paths(ring: list[int]) -> tuple[list[list], list[tuple]]:
     return paths, owners
 
 
+@paused_gc()
 def gemm(A: np.ndarray, B: np.ndarray, grid: int, method: str = "summa", wafer: Wafer = TOY,
          ) -> tuple[np.ndarray, Report]:
     """C = A B on a ``grid`` x ``grid`` mesh by ``method`` (``summa``, ``cannon`` or ``interleave``).

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import gc
 import heapq
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
@@ -57,6 +58,18 @@ def port(name) -> int:
     if name in PORTS:
         return PORTS.index(name)
     raise ValueError(f"port {name!r} is not one of {PORTS}")
+
+
+_PORT_SETS: dict = {}  # a port argument ("east", 3, ["ramp", "west"]) -> its sorted port numbers
+
+
+def _port_set(ports) -> tuple[int, ...]:
+    key = ports if isinstance(ports, (str, int)) else tuple(ports)
+    found = _PORT_SETS.get(key)
+    if found is None:
+        found = _PORT_SETS[key] = tuple(sorted({port(p) for p in ([key] if isinstance(key, (str, int))
+                                                                   else key)}))
+    return found
 
 
 # --- operations -------------------------------------------------------------------------------------
@@ -118,6 +131,7 @@ class _Task:
     pos: int = 0
     index: int = 0  # wavelets handled by the current streaming op, once it is done
     started: int = 0
+    number: int = 0  # its place in the run's list of tasks
 
 
 @dataclass
@@ -183,8 +197,7 @@ class Mesh:
         if color >= self.wafer.colors:
             raise MeshError(f"PE {tuple(pe)} needs color {color}, but a {self.wafer.name} PE routes at most "
                             f"{self.wafer.colors} colors (0..{self.wafer.colors - 1})")
-        rx = frozenset(port(p) for p in ([rx] if isinstance(rx, (str, int)) else rx))
-        tx = tuple(sorted({port(p) for p in ([tx] if isinstance(tx, (str, int)) else tx)}))
+        rx, tx = _port_set(rx), _port_set(tx)
         if not rx or not tx:
             raise MeshError(f"route of color {color} at PE {tuple(pe)} needs at least one receive and one "
                             f"transmit port")
@@ -193,7 +206,7 @@ class Mesh:
             if not (0 <= nx < self.width and 0 <= ny < self.height):
                 raise MeshError(f"route of color {color} at PE {tuple(pe)} transmits {PORTS[p]}, which "
                                 f"leaves the {self.width} x {self.height} grid")
-        self.routes[(i, color)] = (rx, tx)
+        self.routes[(i, color)] = (frozenset(rx), tx)
 
     def clear_routes(self) -> None:
         """Forget every route (between the phases of an algorithm); memory is kept."""
@@ -254,13 +267,21 @@ class Mesh:
         tables = network.route_tables(self.width * self.height, self.wafer.colors, self.routes)
         self.check(tables)
         tasks, self.tasks = self.tasks, []
-        collecting = gc.isenabled()
-        gc.disable()  # a run makes many small objects and frees them itself: no cycles to look for
-        try:
+        with paused_gc():
             return _Run(self, tasks, trace, tables).run(max_cycles)
-        finally:
-            if collecting:
-                gc.enable()
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Python's cycle collector off for the block: building or running a large mesh program makes
+    millions of small objects that form no cycles, and each collection would walk all of them."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 class _Run:
@@ -279,7 +300,8 @@ class _Run:
         self.using: dict[int, int] = {}  # task number -> the buffer its streaming op uses
         self.colors = mesh.wafer.colors
         self.labels: dict[tuple[type, int], str] = {}  # (op type, color) -> its timeline label
-        self.task_id = {id(task): j for j, task in enumerate(tasks)}
+        for j, task in enumerate(tasks):
+            task.number = j
         self.timers: list[tuple[int, int, _Task, bool]] = []  # heap of (cycle, seq, task, a Compute ends)
         self.fmac_free = [0] * (mesh.width * mesh.height)
         self.timeline: list[tuple[int, str, int, int]] = []  # (PE, label, start, end)
@@ -318,50 +340,50 @@ class _Run:
 
     def stream(self, task: _Task, op: Stream, t: int) -> None:
         """Start a streaming op: take what already arrived, then wait for the rest."""
-        mesh, mem, net = self.mesh, self.mesh.memory[task.pe], self.net
-        r = int(net.route[task.pe * self.colors + op.color]) if op.color < self.colors else -1
-        if r >= 0 and net.stream[r, network.TASK] >= 0:
-            x, y = mesh.xy(task.pe)
-            raise MeshError(f"PE ({x}, {y}) has two tasks receiving color {op.color} at once")
+        pe, net, color, count = task.pe, self.net, op.color, op.count
+        r = net.route.item(pe * self.colors + color) if color < self.colors else -1
+        if r >= 0 and net.stream.item(r, network.TASK) >= 0:
+            raise MeshError(f"PE {self.mesh.xy(pe)} has two tasks receiving color {color} at once")
+        mem = self.mesh.memory[pe]
         buf = mem.get(op.name)
         kind = _KINDS[type(op)]
         if kind == network.RECV:
-            if buf is None or buf.size != op.count:
-                mesh.store(mesh.xy(task.pe), op.name, np.zeros(op.count))
+            if buf is None or buf.size != count:
+                self.mesh.store(self.mesh.xy(pe), op.name, np.zeros(count))
                 buf = mem[op.name]
-        elif buf is None or buf.size < op.count:
-            x, y = mesh.xy(task.pe)
-            raise MeshError(f"PE ({x}, {y}): {type(op).__name__} of {op.count} wavelets needs a buffer "
+        elif buf is None or buf.size < count:
+            raise MeshError(f"PE {self.mesh.xy(pe)}: {type(op).__name__} of {count} wavelets needs a buffer "
                             f"{op.name!r} of at least that size")
         task.index, task.started = 0, t
-        if r < 0 or not net.mask[r, 1] & 1:  # nothing can reach it: the run will stall
+        if r < 0 or not net.mask.item(r, 1) & 1:  # nothing can reach it: the run will stall
             return
-        j = self.task_id[id(task)]
-        self.net, offset, self.using[j] = self.buffers.take(net, task.pe, buf)
+        j = task.number
+        self.net, offset, self.using[j] = self.buffers.take(net, pe, buf)
         out = op.out if kind == network.REDUCE_SEND else -1  # type: ignore[union-attr]
-        if net.stream[r, network.WAITING]:  # take what already arrived (compiled)
-            wavelets.start_stream(self.net, r, j, kind, op.count, out, offset, t)
+        if net.stream.item(r, network.WAITING):  # take what already arrived (compiled)
+            wavelets.start_stream(self.net, r, j, kind, count, out, offset, t)
             self.completions(t)
         else:  # nothing to take yet: only set the stream's state
-            self.net.stream[r, :network.STARTED + 1] = j, kind, 0, op.count, t, out, offset, t
+            self.net.stream[r, :network.STARTED + 1] = j, kind, 0, count, t, out, offset, t
 
     def completions(self, t: int) -> None:
         """Move on the tasks whose streaming operations the last compiled call completed."""
-        net = self.net
-        n = int(net.sc[network.DONE_N])
+        sc = self.net.sc
+        n = sc.item(network.DONE_N)
         if not n:
             return
-        done = net.done[:n].tolist()
-        net.sc[network.DONE_N] = 0
+        done = self.net.done[:n].tolist()
+        sc[network.DONE_N] = 0
+        tasks, labels, timeline, drop = self.tasks, self.labels, self.timeline, self.buffers.drop
         for j, started, end in done:
-            task = self.tasks[j]
-            self.buffers.drop(self.net, task.pe, self.using.pop(j))
+            task = tasks[j]
+            drop(self.net, task.pe, self.using.pop(j))
             op = cast(Stream, task.ops[task.pos])
             task.index = op.count
-            label = self.labels.get((type(op), op.color))
+            label = labels.get((type(op), op.color))
             if label is None:
-                label = self.labels[(type(op), op.color)] = f"{type(op).__name__.lower()} c{op.color}"
-            self.timeline.append((task.pe, label, started, end))
+                label = labels[(type(op), op.color)] = f"{type(op).__name__.lower()} c{op.color}"
+            timeline.append((task.pe, label, started, end))
             task.pos += 1
             if end == t:
                 self.advance(task, t)
@@ -448,7 +470,7 @@ class _Run:
         """How many wavelets the stalled streaming op ``op`` of ``task`` has taken."""
         r = int(self.net.route[task.pe * self.mesh.wafer.colors + op.color]) \
             if op.color < self.mesh.wafer.colors else -1
-        if r >= 0 and self.net.stream[r, network.TASK] == self.task_id[id(task)]:
+        if r >= 0 and self.net.stream[r, network.TASK] == task.number:
             return int(self.net.stream[r, network.INDEX])
         return 0
 
