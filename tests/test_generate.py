@@ -120,3 +120,70 @@ def test_sample_next_is_greedy_at_temperature_zero_and_draws_from_the_filtered_s
     expected = torch.multinomial(filter_logits(logits, 0.7, None, 0.8).softmax(-1), 1,
                                  generator=torch.Generator().manual_seed(5))[:, 0]
     assert torch.equal(sample_next(logits, 0.7, None, 0.8, torch.Generator().manual_seed(5)), expected)
+
+
+def plain_decode(model, prompt, n, pick):
+    """The reference decoding loop: the whole window through the model every step, no cache, the
+    weights as stored; ``pick`` chooses from the last position's logits."""
+    idx = torch.as_tensor(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(idx[:, -model.config.block_size:])
+            idx = torch.cat([idx, pick(logits[:, -1])[:, None]], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("length", [1, 2, 30, 63, 64, 100])
+def test_generate_equals_the_plain_loop(model, length):
+    # every prompt length around block_size=64, and 80 new tokens, so the window slides in each case
+    prompt = torch.randint(0, 50, (2, length), generator=torch.Generator().manual_seed(length))
+    greedy = plain_decode(model, prompt, 80, lambda logits: logits.argmax(-1))
+    for use_cache in (True, False):
+        assert torch.equal(generate(model, prompt, 80, do_sample=False, use_cache=use_cache), greedy)
+    g = torch.Generator().manual_seed(7)
+    sampled = plain_decode(model, prompt, 80, lambda logits: sample_next(logits, 0.9, 20, 0.95, g))
+    ours = generate(model, prompt, 80, temperature=0.9, top_k=20, top_p=0.95,
+                    generator=torch.Generator().manual_seed(7))
+    assert torch.equal(ours, sampled)
+
+
+def test_stopped_rows_are_padded_while_the_others_go_on(model):
+    prompts = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    free = [generate(model, p, 30, do_sample=False)[0, 3:].tolist() for p in prompts]
+    stop = free[0][2]  # the first row stops at its third new token
+    assert stop not in free[1][:10]  # (the second row goes on past it, for this seed)
+    out = generate(model, prompts, 30, do_sample=False, stop_tokens=[stop], pad_token_id=0).tolist()
+    ends = [row.index(stop) + 1 if stop in row else len(row) for row in free]
+    assert len(out[0]) == 3 + max(ends)  # generation ended when the last row stopped
+    for row, mine, end in zip(out, free, ends):
+        assert row[3:3 + end] == mine[:end] and all(t == 0 for t in row[3 + end:])
+
+
+def test_column_major_weights_hold_the_same_numbers_and_are_restored(model):
+    from minigpt.generate import _column_major
+
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    before = [(m.weight, m.weight.data_ptr(), m.weight.stride(), m.weight.clone()) for m in linear]
+    x = torch.randint(0, 50, (2, 20))
+    with torch.no_grad():
+        reference, _ = model(x)
+        with _column_major(model):
+            assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+            for m, (_, _, _, values) in zip(linear, before):
+                assert m.weight.t().is_contiguous() and torch.equal(m.weight, values)
+            logits, _ = model(x)
+    # float32 sums of 32 products taken in another order: the logits agree to rounding, about 1e-7
+    # of their size; 1e-5 of the largest logit leaves room without hiding a wrong product
+    scale = reference.abs().max().item()
+    torch.testing.assert_close(logits, reference, atol=1e-5 * scale, rtol=1e-5)
+    for m, (w, ptr, stride, values) in zip(linear, before):
+        assert m.weight is w and w.data_ptr() == ptr and w.stride() == stride and torch.equal(w, values)
+
+
+def test_the_layout_is_restored_when_generation_fails(model):
+    model.train()
+    strides = [p.stride() for p in model.parameters()]
+    with pytest.raises(TypeError):
+        generate(model, [1, 2], 5, generator="not a generator")  # fails inside the decoding loop
+    assert [p.stride() for p in model.parameters()] == strides and model.training
+    model.eval()
