@@ -242,10 +242,8 @@ class Mesh:
     # -- checks ----------------------------------------------------------------------------------------
     def colors_used(self) -> np.ndarray:
         """(height, width) array: how many colors each PE routes."""
-        counts = np.zeros(self.width * self.height, dtype=int)
-        for i, _ in self.routes:
-            counts[i] += 1
-        return counts.reshape(self.height, self.width)
+        pes = np.fromiter((i for i, _ in self.routes), dtype=np.int64, count=len(self.routes))
+        return np.bincount(pes, minlength=self.width * self.height).reshape(self.height, self.width)
 
     def check(self, tables: tuple | None = None) -> None:
         """Refuse routes of one color that form a cycle. (Colors beyond what a PE can route are refused
