@@ -116,6 +116,50 @@ def test_split_and_merge_heads_are_inverse():
     assert torch.equal(m.merge_heads(heads), x)
 
 
+def split_then_attend(m: MultiHeadAttention, x: torch.Tensor) -> torch.Tensor:
+    """The forward pass written out with split_heads on each third of c_attn's output."""
+    q, k, v = (m.split_heads(z) for z in m.c_attn(x).split(m.n_embd, dim=2))
+    p = m.dropout if m.training else 0.0
+    y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=m.causal, scale=m.scale)
+    return m.resid_dropout(m.c_proj(m.merge_heads(y)))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_forward_and_gradients_equal_the_written_out_split_bit_for_bit(training):
+    # forward takes q, k, v as one view of c_attn's output; the same numbers with the same strides as
+    # splitting it, so the results (and the dropout masks drawn from the same seed) are identical
+    torch.manual_seed(0)
+    m = MultiHeadAttention(24, 3, dropout=0.1).train(training)
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    results = []
+    for fn in (m, lambda z: split_then_attend(m, z)):
+        torch.manual_seed(1)
+        y = fn(x)
+        grads = torch.autograd.grad(y.square().sum(), [x, *m.parameters()])
+        results.append((y, grads))
+    (y, grads), (y_ref, grads_ref) = results
+    assert torch.equal(y, y_ref) and all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+
+
+def test_cached_steps_equal_the_full_pass():
+    torch.manual_seed(0)
+    m = MultiHeadAttention(24, 3).eval()
+    x = torch.randn(2, 9, 24)
+    k_buf, v_buf = torch.zeros(2, 3, 12, 8), torch.zeros(2, 3, 12, 8)
+    with torch.no_grad():
+        full = m(x)
+        steps = [m(x[:, :5], cache=(k_buf, v_buf, 0))]  # a prompt, then one position at a time
+        steps += [m(x[:, t:t + 1], cache=(k_buf, v_buf, t)) for t in range(5, 9)]
+        k_ref = m.split_heads(m.c_attn(x).split(24, dim=2)[1])  # what the key buffer should hold
+    # float32: products over fewer rows, and one query against S keys, sum in another order than the
+    # full T x T pass; 1e-5 relative is float32 rounding over sums of 24 terms, with room to spare
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(k_buf[:, :, :9], k_ref, atol=1e-6, rtol=1e-5)
+    assert (k_buf[:, :, 9:] == 0).all()  # nothing written past the positions seen
+    with pytest.raises(ValueError, match="the cache holds 12 positions; 13 are needed"):
+        m(x[:, :2], cache=(k_buf, v_buf, 11))
+
+
 def test_record_attention():
     torch.manual_seed(0)
     model = nn.Sequential(MultiHeadAttention(8, 2), MultiHeadAttention(8, 2))
