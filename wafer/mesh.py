@@ -10,6 +10,9 @@ The machine it simulates:
 - Every directed link (including the ramp in each direction) carries at most one wavelet per cycle.
   Wavelets that want the same link wait in a first-come first-served queue at its router: contention
   between flows shows up as queueing, and queues are unbounded (real routers push back instead).
+  Within a cycle, ramps enter before links, wavelets arriving on links enter in the order they left,
+  and queues send in the order they became non-empty (the first edition's simulator used Python's
+  set order there, which changed a few contended runs by a cycle or so).
 - A wavelet that leaves a router at cycle t is at the neighbour's router at t + ``hop_cycles``, and
   may leave again in that same cycle.
 - A PE runs *tasks* concurrently, each a list of operations done in order: ``Send`` (asynchronous:
