@@ -110,13 +110,13 @@ def _column_major(model: nn.Module) -> Iterator[None]:
     (out, in) matrix with the same numbers, laid out column by column. Restored on exit.
 
     Decoding one sequence multiplies each weight matrix by one vector per token, so a step takes as
-    long as the weights take to stream from memory. This CPU's matrix library (MKL) runs that product
-    at close to memory speed when the matrix is (in, out)-contiguous, the layout of GPT-2's original
-    Conv1D layers, and at a fraction of it on ``nn.Linear``'s (out, in) rows: 2.7 ms against 7.5 ms for
-    a 50257 x 384 head on one core (bench/bench_generate.py measures the whole effect). The products'
-    sums run in another order, so they round differently, by about 1e-7 of the logits' size; they are
-    the products ``transformers``' GPT-2 computes in its Conv1D blocks. Costs one copy of the matrices
-    while active; a tied weight is one tensor, copied once, and stays tied.
+    long as the weights take to stream from memory. On the AMD EPYC this book is measured on, torch's
+    matrix library (MKL) runs that product close to memory speed when the matrix is (in, out)-contiguous,
+    the layout of GPT-2's original Conv1D layers, and at a fraction of it on ``nn.Linear``'s (out, in)
+    rows (bench/bench_generate.py times both for a 50257 x 384 head). The products' sums run in another
+    order, so they round differently, by about 1e-7 of the logits' size; they are the products
+    ``transformers``' GPT-2 computes in its Conv1D blocks. Costs one copy of the matrices while active;
+    a tied weight is one tensor, copied once, and stays tied.
     """
     saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for module in model.modules():
