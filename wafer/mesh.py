@@ -132,7 +132,6 @@ class _Task:
     pe: int
     ops: list[Op]
     pos: int = 0
-    index: int = 0  # wavelets handled by the current streaming op, once it is done
     started: int = 0
     number: int = 0  # its place in the run's list of tasks
 
@@ -355,7 +354,6 @@ class _Run:
         elif buf is None or buf.size < count:
             raise MeshError(f"PE {self.mesh.xy(pe)}: {type(op).__name__} of {count} wavelets needs a buffer "
                             f"{op.name!r} of at least that size")
-        task.index, task.started = 0, t
         if r < 0 or not net.mask.item(r, 1) & 1:  # nothing can reach it: the run will stall
             return
         j = task.number
@@ -380,7 +378,6 @@ class _Run:
             task = tasks[j]
             drop(self.net, task.pe, self.using.pop(j))
             op = cast(Stream, task.ops[task.pos])
-            task.index = op.count
             label = labels.get((type(op), op.color))
             if label is None:
                 label = labels[(type(op), op.color)] = f"{type(op).__name__.lower()} c{op.color}"
