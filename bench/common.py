@@ -35,6 +35,52 @@ def best_of(fn, repeat: int = 3) -> float:
     return min(times)
 
 
+def interleaved(fns: dict, blocks: int, per_block: int, warmup: int = 3) -> dict[str, float]:
+    """Seconds per call of each function, best of ``blocks`` blocks of ``per_block`` calls, the blocks of
+    all functions taken in turn (A, B, A, B, ...) so that a change in the machine's load hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(blocks):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(per_block):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - start) / per_block)
+    return best
+
+
+class OtherWork:
+    """CPU time that other processes used while the block ran, in cores (0: the machine was ours; 1: one
+    other core's worth of work competed with ours), from /proc/stat; None where there is none."""
+
+    def __enter__(self) -> OtherWork:
+        self.cores: float | None = None
+        self._start = (_busy_seconds(), _own_seconds(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy, own, start = self._start
+        now = _busy_seconds()
+        if busy is not None and now is not None:
+            others = (now - busy) - (_own_seconds() - own)
+            self.cores = max(0.0, others) / (time.perf_counter() - start)
+
+
+def _busy_seconds() -> float | None:
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def write(name: str, rows: list[dict], extra: dict | None = None) -> None:
     """Print a table of ``rows`` (benchmark, value, unit, target) and write them as JSON."""
     RESULTS.mkdir(exist_ok=True)

@@ -110,7 +110,10 @@ def build_parser(bare: bool = False) -> argparse.ArgumentParser:
         run.add_argument("--" + name.replace("_", "-"), type=int, default=train_default[name])
     run.add_argument("--device", default=train_default["device"], choices=["auto", "cpu", "cuda", "mps"])
     run.add_argument("--bf16", default=train_default["bf16"], choices=["auto", "on", "off"],
-                     help="bf16 autocast: auto = where the hardware multiplies bf16 natively")
+                     help="bf16 autocast: auto = where the hardware multiplies bf16 natively; off = float32")
+    run.add_argument("--threads", type=int, default=default(None),
+                     help="CPU threads per process (default: torch's, one per core); on a machine busy with "
+                          "other work, fewer can be much faster")
     run.add_argument("--compile", action="store_true", default=default(False), help="torch.compile the model")
     run.add_argument("--no-progress", action="store_true", default=default(False), help="no progress bar")
     shard = t.add_argument_group("sharding (under torchrun, in place of copying the model to every process)")
@@ -202,6 +205,8 @@ def _train(args, given: set[str]) -> None:
 
     if args.steps is not None:
         positive_int("--steps", args.steps)
+    if args.threads is not None:
+        torch.set_num_threads(positive_int("--threads", args.threads))
     from minigpt.distributed import rank_and_world
 
     plan = None
@@ -246,11 +251,7 @@ def _train(args, given: set[str]) -> None:
     if ckpt is not None:
         trainer.load(args.resume)
     if trainer.rank == 0:
-        processes = f" x {trainer.world_size} processes" if trainer.world_size > 1 else ""
-        processes += f", {plan}" if plan is not None else ""
-        print(f"training {model.num_parameters():,} parameters on {len(train_ids):,} tokens "
-              f"({trainer.device}{processes}, {trainer.global_batch} windows a step); checkpoints in {out}",
-              file=sys.stderr)
+        print(_announcement(trainer, plan, len(train_ids), out), file=sys.stderr)
     try:
         history = trainer.train(args.steps)
     except KeyboardInterrupt:
@@ -260,6 +261,21 @@ def _train(args, given: set[str]) -> None:
     last = history[-1]
     if trainer.rank == 0:
         print(f"step {last['step']}: train loss {last['train']:.4f}, val loss {last['val']:.4f}")
+
+
+def _announcement(trainer, plan, tokens: int, out: str) -> str:
+    """The line a run starts with: what it trains, and how (device, threads, precision, processes)."""
+    import torch
+
+    how = [str(trainer.device)]
+    if trainer.device.type == "cpu":
+        threads = torch.get_num_threads()
+        how.append(f"{threads} thread{'s' if threads != 1 else ''}")
+    how.append("bf16 autocast" if trainer.use_bf16 else "float32")
+    if trainer.world_size > 1:
+        how.append(f"{trainer.world_size} processes" + (f", {plan}" if plan is not None else ""))
+    return (f"training {trainer.model.num_parameters():,} parameters on {tokens:,} tokens ({', '.join(how)}, "
+            f"{trainer.global_batch} windows a step); checkpoints in {out}")
 
 
 def _allow(tokenizer) -> dict:

@@ -1,6 +1,7 @@
 """The machine a run uses: which device (``pick_device``), whether it multiplies bf16 natively
-(``bf16_native``), how fast it multiplies matrices (``measure_matmul_peak``, MFU's denominator), and
-an allocator setting that spares a CPU training step its page faults (``keep_freed_memory``).
+(``bf16_native``), how fast it multiplies matrices (``measure_matmul_peak``, MFU's denominator), an
+allocator setting that spares a CPU training step its page faults (``keep_freed_memory``), and torch's
+fused AdamW where it has one (``adamw``).
 
 Built in: 04_pretraining
 """
@@ -79,3 +80,19 @@ def measure_matmul_peak(device: torch.device, dtype=torch.float32, n: int = 1024
         if device.type == "cuda":
             torch.cuda.synchronize()
     return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def adamw(groups: list[dict], device: torch.device, **settings) -> torch.optim.AdamW:
+    """torch's AdamW over the parameter ``groups``, with its fused kernel where torch has one for them:
+    plain (not sharded) floating-point tensors on a CPU or a CUDA GPU. The fused kernel updates each
+    parameter in one pass (decay, both moments, the step); without it, AdamW on a CPU runs a dozen
+    tensor operations per parameter from Python: about 2.7 ms a step for the 52 tensors of nanoGPT's
+    4-layer CPU recipe, against 0.6 ms fused, on one core. The update is the same up to float rounding
+    (tests: 30 steps agree to 1e-5). ``optimizer.defaults["fused"]`` says which it is.
+
+    Built in: 04_pretraining
+    """
+    params = [p for group in groups for p in group["params"]]
+    fused = device.type in ("cpu", "cuda") and all(
+        type(p.data) is torch.Tensor and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, fused=fused, **settings)

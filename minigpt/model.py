@@ -203,9 +203,10 @@ class GPT(nn.Module):
             raise ValueError(f"positions up to {start + t} exceed block_size={self.config.block_size}")
         if t == 0:
             raise ValueError("idx is empty: a sequence needs at least one token")
-        if idx.min() < 0 or idx.max() >= self.config.vocab_size:
+        low, high = torch.aminmax(idx)  # one pass over the ids, and one wait for the device
+        if low < 0 or high >= self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got "
-                             f"{idx.min().item()}..{idx.max().item()}")
+                             f"{low.item()}..{high.item()}")
         pos = torch.arange(start, start + t, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         if self.config.mup and self.config.mup_input_mult != 1.0:

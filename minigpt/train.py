@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from minigpt import hardware
 from minigpt.checks import positive_int
 from minigpt.distributed import mean_over_ranks, rank_and_world
 from minigpt.files import atomic_write, load_tensors
@@ -112,8 +113,7 @@ def tokenizer_to_dict(tokenizer: Tokenizer) -> dict:
 
     Built in: 04_pretraining
     """
-    kind = "char" if isinstance(tokenizer, CharTokenizer) else "bpe"
-    return {"kind": kind, "text": tokenizer.to_text()}
+    return {"kind": "char" if isinstance(tokenizer, CharTokenizer) else "bpe", "text": tokenizer.to_text()}
 
 
 def tokenizer_from_dict(d: dict | None) -> Tokenizer | None:
@@ -280,9 +280,8 @@ class Trainer:
         self.val_data = _as_batches(val_ids, block, "the validation split")
         self.tokenizer = tokenizer
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.optimizer = torch.optim.AdamW(
-            parameter_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2),
-            fused=self.device.type == "cuda")
+        groups = parameter_groups(model, config.weight_decay)
+        self.optimizer = hardware.adamw(groups, self.device, lr=config.lr, betas=(config.beta1, config.beta2))
         self.use_bf16 = config.bf16 == "on" or (config.bf16 == "auto" and bf16_native(self.device))
         if self.device.type == "cpu":
             keep_freed_memory()
@@ -326,27 +325,31 @@ class Trainer:
         """Forward and backward over ``grad_accum`` micro-batches; afterwards each parameter's
         ``.grad`` is the gradient of the mean loss over the global batch (averaged across processes).
         Returns this process's mean loss."""
+        return self._accumulate().item()
+
+    def _accumulate(self) -> torch.Tensor:  # a tensor: reading it would make the host wait for the device
         c = self.config
         self.model.train()
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for micro in range(c.grad_accum):
             x, y = self._batch(self.train_data, c.batch_size, self.data_generator)
             self.tokens += x.numel() * self.data_shard[1]
-            # all-reduce once per step: skip the gradient sync on every micro-batch but the last
-            last = micro == c.grad_accum - 1
-            sync: contextlib.AbstractContextManager = contextlib.nullcontext()
-            if not last and isinstance(self.parallel, DistributedDataParallel):
-                sync = self.parallel.no_sync()
-            with sync:
+            ddp = self.parallel if isinstance(self.parallel, DistributedDataParallel) else None
+            # all-reduce once per step: no gradient sync on the micro-batches before the last
+            with ddp.no_sync() if ddp is not None and micro < c.grad_accum - 1 else contextlib.nullcontext():
                 loss = self._loss(x, y) / c.grad_accum
                 loss.backward()
-            total += loss.item()
+            total += loss.detach()
         return total
 
     def train_step(self) -> float:
+        """One optimizer step; returns its mean loss (reading it waits for the step to finish)."""
+        return self._step().item()
+
+    def _step(self) -> torch.Tensor:
         c = self.config
         set_learning_rate(self.optimizer, learning_rate(self.step, c))
-        total = self.accumulate_gradients()
+        total = self._accumulate()
         if c.grad_clip > 0:
             self.clip_gradients(c.grad_clip)
         self.optimizer.step()
@@ -355,7 +358,8 @@ class Trainer:
         return total
 
     def clip_gradients(self, max_norm: float) -> None:
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        fused = self.optimizer.defaults["fused"]  # then foreach works too (torch's default: off on a CPU)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=fused or None)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -366,9 +370,9 @@ class Trainer:
         out = {}
         for name, data in (("train", self.train_data), ("val", self.val_data)):
             g = torch.Generator().manual_seed(self.config.seed + 1)
-            losses = [self._loss(*self._batch(data, self.config.batch_size, g)).item()
+            losses = [self._loss(*self._batch(data, self.config.batch_size, g))
                       for _ in range(self.config.eval_batches)]
-            out[name] = mean_over_ranks(sum(losses) / len(losses))
+            out[name] = mean_over_ranks(sum(torch.stack(losses).tolist()) / len(losses))
         self.model.train()
         return out
 
@@ -384,17 +388,19 @@ class Trainer:
         # them can crowd out the kernel's other messages
         bar = tqdm(total=end, initial=self.step, disable=not c.progress or self.rank != 0, desc="training",
                    unit="step", mininterval=1.0)
-        running, start, start_tokens = None, time.perf_counter(), self.tokens
+        running, start, start_tokens, shown = None, time.perf_counter(), self.tokens, time.perf_counter()
         try:
             while self.step < end:
-                loss = self.train_step()
-                running = loss if running is None else 0.9 * running + 0.1 * loss
+                loss = self._step()
+                running = loss if running is None else 0.9 * running + 0.1 * loss  # a tensor: no wait
                 bar.update(1)
-                bar.set_postfix(loss=f"{running:.3f}", lr=f"{learning_rate(self.step - 1, c):.2e}",
-                                refresh=False)
+                if not bar.disable and (time.perf_counter() - shown >= 1.0 or self.step == end):  # redraws
+                    bar.set_postfix(loss=f"{running.item():.3f}", lr=f"{learning_rate(self.step - 1, c):.2e}",
+                                    refresh=False)
+                    shown = time.perf_counter()
                 if self.step % c.eval_interval == 0 or self.step == end:
                     elapsed = time.perf_counter() - start
-                    record = {"step": self.step, "loss": mean_over_ranks(loss), **self.evaluate(),
+                    record = {"step": self.step, "loss": mean_over_ranks(loss.item()), **self.evaluate(),
                               "lr": learning_rate(self.step - 1, c),
                               "tokens_per_s": (self.tokens - start_tokens) / elapsed}
                     self.history.append(record)
@@ -470,6 +476,8 @@ class Trainer:
             what = ", ".join(f"{k}={a} in the checkpoint but {b} here" for k, (a, b) in diff.items())
             raise ValueError(f"cannot resume: the checkpoint's model differs ({what})")
         self.load_state_dicts(ckpt["model"], ckpt["optimizer"])
+        for group in self.optimizer.param_groups:  # a checkpoint of torch's loop AdamW continues fused
+            group["fused"] = group["fused"] or self.optimizer.defaults["fused"]
         self.step = ckpt["step"]
         self.history = list(ckpt.get("history", []))
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
