@@ -35,20 +35,28 @@ def best_of(fn, repeat: int = 3) -> float:
     return min(times)
 
 
-def interleaved(fns: dict, blocks: int, per_block: int, warmup: int = 3) -> dict[str, float]:
-    """Seconds per call of each function, best of ``blocks`` blocks of ``per_block`` calls, the blocks of
-    all functions taken in turn (A, B, A, B, ...) so that a change in the machine's load hits all alike."""
+def interleaved(fns: dict, blocks: int, per_block: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of each function in each of ``blocks`` rounds of ``per_block`` calls, the blocks
+    of all functions taken in turn (A, B, A, B, ...) so that a change in the machine's speed hits all
+    alike; compare them round by round (see :func:`median_ratio`)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    best = {name: float("inf") for name in fns}
+    rounds: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(blocks):
         for name, fn in fns.items():
             start = time.perf_counter()
             for _ in range(per_block):
                 fn()
-            best[name] = min(best[name], (time.perf_counter() - start) / per_block)
-    return best
+            rounds[name].append((time.perf_counter() - start) / per_block)
+    return rounds
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """The median over rounds of a[i] / b[i]: the two measured side by side, round by round."""
+    ratios = sorted(x / y for x, y in zip(a, b, strict=True))
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
 
 
 class OtherWork:

@@ -122,8 +122,9 @@ class MultiHeadAttention(nn.Module):
 
     ``c_attn`` is one fused projection to queries, keys and values (in that order along its output),
     ``c_proj`` projects the merged heads back. With ``use_sdpa=True`` the core runs in
-    ``F.scaled_dot_product_attention`` (faster, same result); while :func:`record_attention` is
-    active the written-out core runs instead, so that its weights can be kept.
+    ``F.scaled_dot_product_attention`` (:meth:`core`: faster, the same result up to rounding); while
+    :func:`record_attention` is active the written-out core runs instead, so that its weights can be
+    kept.
 
     Built in: 02_attention
     """
@@ -157,6 +158,24 @@ class MultiHeadAttention(nn.Module):
         b, _, t, _ = x.shape
         return x.transpose(1, 2).contiguous().view(b, t, self.n_embd)  # (B, T, C)
 
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
+             attn_mask: torch.Tensor | None = None,
+             key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention's core by ``F.scaled_dot_product_attention``: q (B, H, T, hd), k and v (B, H, S, hd)
+        -> (B, H, T, hd), the queries being the last T of the S positions. On a CPU under bf16 autocast
+        it runs in float32 up to :data:`FLOAT32_CORE_UP_TO` keys, where that is faster."""
+        t, s = q.shape[-2], k.shape[-2]
+        causal = self.causal and t > 1  # a single query (the newest position) may see every key
+        with _core_precision(q, s) as dtype:
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            if attn_mask is None and key_padding_mask is None and (not causal or t == s):
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal,
+                                                      scale=self.scale)
+            shape = torch.Size((*q.shape[:-1], s))
+            mask = _combined_mask(shape, q.dtype, q.device, attn_mask, key_padding_mask, self.causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                  scale=self.scale)
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None,
                 cache: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
@@ -186,17 +205,7 @@ class MultiHeadAttention(nn.Module):
             k, v = k_buf[:, :, :end], v_buf[:, :, :end]
         p = self.dropout if self.training else 0.0
         if self.use_sdpa and self.recorded is None:
-            s = k.shape[-2]
-            causal = self.causal and t > 1  # a single query (the newest position) may see every key
-            with _core_precision(q, s) as dtype:
-                q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-                if attn_mask is None and key_padding_mask is None and (not causal or t == s):
-                    y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal,
-                                                       scale=self.scale)
-                else:
-                    shape = torch.Size((*q.shape[:-1], s))
-                    mask = _combined_mask(shape, q.dtype, q.device, attn_mask, key_padding_mask, self.causal)
-                    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scale)
+            y = self.core(q, k, v, p, attn_mask, key_padding_mask)
         else:
             y, weights = scaled_dot_product_attention(q, k, v, attn_mask, key_padding_mask,
                                                       is_causal=self.causal, dropout_p=p, scale=self.scale)
@@ -206,11 +215,12 @@ class MultiHeadAttention(nn.Module):
         return self.resid_dropout(y) if self.training else y  # dropout is the identity at evaluation
 
 
-# Under bf16 autocast on a CPU, torch's fused attention kernel is slow at short contexts: forward and
-# backward of a causal (12 windows, 4 heads, 64 positions, head size 32) took 7.5 ms in bf16 against
-# 1.8 ms for the same kernel in float32 (and 3.3 ms for attention composed of matrix products and a
-# softmax), on one core of an AVX512-BF16 CPU. Float32 stayed ahead or even up to 512 positions (39.5
-# against 46.8 ms at 256, 76 against 73 at 512, head size 64) and fell behind at 1024 (225 against 183).
+# Under bf16 autocast on a CPU, torch's fused attention kernel is slow at short contexts: forward
+# and backward of causal attention over (12 windows, 4 heads, 64 positions, head size 32) took 7.5 ms
+# in bf16 against 1.8 ms for the same kernel in float32 (and 3.3 ms for attention composed of matrix
+# products and a softmax), on one core of an AVX512-BF16 CPU. Float32 stayed ahead up to 256 positions
+# (39.5 against 46.8 ms at 256, head size 64), was within 4% at 512 (76 against 73 ms) and fell behind
+# at 1024 (225 against 183).
 FLOAT32_CORE_UP_TO = 512
 
 
@@ -218,7 +228,7 @@ FLOAT32_CORE_UP_TO = 512
 def _core_precision(q: torch.Tensor, s: int) -> Iterator[torch.dtype]:
     """The dtype the attention core runs in, with autocast off while it runs if that is float32: on a CPU
     under bf16 autocast with at most :data:`FLOAT32_CORE_UP_TO` keys, float32 (faster there, see the
-    constant, and more precise); elsewhere the dtype of ``q``, as autocast made it."""
+    constant); elsewhere the dtype of ``q``, as autocast made it."""
     if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and s <= FLOAT32_CORE_UP_TO
             and torch.is_autocast_enabled("cpu")):
         with torch.autocast("cpu", enabled=False):

@@ -327,7 +327,7 @@ class Trainer:
         Returns this process's mean loss."""
         return self._accumulate().item()
 
-    def _accumulate(self) -> torch.Tensor:  # a tensor: reading it would make the host wait for the device
+    def _accumulate(self) -> torch.Tensor:  # a tensor, read only when the loss is reported
         c = self.config
         self.model.train()
         total = torch.zeros((), device=self.device)
@@ -372,7 +372,7 @@ class Trainer:
             g = torch.Generator().manual_seed(self.config.seed + 1)
             losses = [self._loss(*self._batch(data, self.config.batch_size, g))
                       for _ in range(self.config.eval_batches)]
-            out[name] = mean_over_ranks(sum(torch.stack(losses).tolist()) / len(losses))
+            out[name] = mean_over_ranks(sum(torch.stack(losses).tolist()) / len(losses), self.device)
         self.model.train()
         return out
 
@@ -393,15 +393,16 @@ class Trainer:
             while self.step < end:
                 loss = self._step()
                 running = loss if running is None else 0.9 * running + 0.1 * loss  # a tensor: no wait
-                bar.update(1)
                 if not bar.disable and (time.perf_counter() - shown >= 1.0 or self.step == end):  # redraws
                     bar.set_postfix(loss=f"{running.item():.3f}", lr=f"{learning_rate(self.step - 1, c):.2e}",
                                     refresh=False)
                     shown = time.perf_counter()
+                bar.update(1)
                 if self.step % c.eval_interval == 0 or self.step == end:
+                    last = loss.item()  # waits for the device to finish the steps timed
                     elapsed = time.perf_counter() - start
-                    record = {"step": self.step, "loss": mean_over_ranks(loss.item()), **self.evaluate(),
-                              "lr": learning_rate(self.step - 1, c),
+                    record = {"step": self.step, "loss": mean_over_ranks(last, self.device),
+                              **self.evaluate(), "lr": learning_rate(self.step - 1, c),
                               "tokens_per_s": (self.tokens - start_tokens) / elapsed}
                     self.history.append(record)
                     start, start_tokens = time.perf_counter(), self.tokens
@@ -476,8 +477,8 @@ class Trainer:
             what = ", ".join(f"{k}={a} in the checkpoint but {b} here" for k, (a, b) in diff.items())
             raise ValueError(f"cannot resume: the checkpoint's model differs ({what})")
         self.load_state_dicts(ckpt["model"], ckpt["optimizer"])
-        for group in self.optimizer.param_groups:  # a checkpoint of torch's loop AdamW continues fused
-            group["fused"] = group["fused"] or self.optimizer.defaults["fused"]
+        for group in self.optimizer.param_groups:  # the kernel this optimizer chose, not the checkpoint's
+            group["fused"] = self.optimizer.defaults["fused"]
         self.step = ckpt["step"]
         self.history = list(ckpt.get("history", []))
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())

@@ -99,8 +99,7 @@ class LocalHeadsAttention(MultiHeadAttention):
         q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)  # (B, H / tp, T, hd)
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal, scale=self.scale)
+        y = self.core(q, k, v, self.dropout if self.training else 0.0)  # the same core as one process's
         return self.resid_dropout(self.c_proj(self.merge_heads(y)))
 
 
