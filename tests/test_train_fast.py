@@ -5,24 +5,11 @@ it; and the command line's thread setting."""
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_training import TRAIN, VAL, small_model
 
 from minigpt import attention, hardware
 from minigpt.__main__ import main
-from minigpt.data import story_corpus
-from minigpt.model import GPT, GPTConfig
-from minigpt.tokenizer import CharTokenizer
 from minigpt.train import TrainConfig, Trainer
-
-TEXT = story_corpus(300, seed=0)
-TOK = CharTokenizer.train(TEXT)
-IDS = torch.tensor(TOK.encode(TEXT))
-TRAIN, VAL = IDS[:60000], IDS[60000:]
-
-
-def small_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=TOK.vocab_size, dropout=0.1)
-    return GPT(GPTConfig(**{**shape, **kw}))
 
 
 def config(**kw):
