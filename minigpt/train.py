@@ -477,8 +477,8 @@ class Trainer:
             what = ", ".join(f"{k}={a} in the checkpoint but {b} here" for k, (a, b) in diff.items())
             raise ValueError(f"cannot resume: the checkpoint's model differs ({what})")
         self.load_state_dicts(ckpt["model"], ckpt["optimizer"])
-        for group in self.optimizer.param_groups:  # the kernel this optimizer chose, not the checkpoint's
-            group["fused"] = self.optimizer.defaults["fused"]
+        for group in self.optimizer.param_groups:  # a checkpoint of torch's loop AdamW continues fused
+            group["fused"] = group["fused"] or self.optimizer.defaults["fused"]
         self.step = ckpt["step"]
         self.history = list(ckpt.get("history", []))
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())

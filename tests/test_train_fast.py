@@ -171,17 +171,6 @@ def test_threads_on_the_command_line_are_set_and_stated(tmp_path, capsys):
     assert "--threads=0" in capsys.readouterr().err
 
 
-def test_a_fused_checkpoint_resumes_unfused_where_the_optimizer_is_not_fused(tmp_path, monkeypatch):
-    first = Trainer(small_model(), TRAIN, VAL, config(max_steps=20), out_dir=tmp_path)
-    first.train(steps=10)
-    first.save()
-    monkeypatch.setattr(hardware, "adamw", unfused_adamw)  # as for sharded parameters, which it cannot fuse
-    second = Trainer(small_model(seed=5), TRAIN, VAL, config(max_steps=20))
-    second.load(tmp_path)
-    assert not any(group["fused"] for group in second.optimizer.param_groups)  # the optimizer's own choice
-    second.train()
-
-
 def test_tensor_parallel_attention_runs_the_same_core(monkeypatch):
     from minigpt.parallel.tensor import _localize_attention
 
