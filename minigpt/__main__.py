@@ -296,8 +296,8 @@ def cmd_sample(args) -> None:
     out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, num_return_sequences=args.num_samples,
                    generator=torch.Generator(device=model.lm_head.weight.device).manual_seed(args.seed))
-    for row in out.tolist():
-        print(tokenizer.decode(row))
+    for row in out:  # one prompt: a (num_samples, T) tensor
+        print(tokenizer.decode(row.tolist()))
         print("-" * 40)
 
 

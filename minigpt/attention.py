@@ -131,20 +131,32 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, n_embd: int, n_head: int, bias: bool = True, dropout: float = 0.0,
                  causal: bool = True, use_sdpa: bool = True, rope: RotaryEmbedding | None = None,
-                 scale: float | None = None):
+                 scale: float | None = None, n_kv_head: int | None = None, qkv_bias: bool | None = None,
+                 head_dim: int | None = None, qk_norm_eps: float | None = None):
         super().__init__()
         positive_int("n_embd", n_embd)
         positive_int("n_head", n_head)
-        if n_embd % n_head != 0:
+        if head_dim is None and n_embd % n_head != 0:
             raise ValueError(f"n_embd={n_embd} must be a positive multiple of n_head={n_head}")
+        head_dim = n_embd // n_head if head_dim is None else positive_int("head_dim", head_dim)
+        n_kv_head = n_head if n_kv_head is None else positive_int("n_kv_head", n_kv_head)
+        if n_head % n_kv_head:
+            raise ValueError(f"n_kv_head={n_kv_head} must divide n_head={n_head}: each key-value head "
+                             f"serves the same number of query heads")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} must be in [0, 1)")
-        if rope is not None and rope.head_dim != n_embd // n_head:
-            raise ValueError(f"rope.head_dim={rope.head_dim} must equal n_embd // n_head = "
-                             f"{n_embd // n_head}")
-        self.n_embd, self.n_head, self.head_dim = n_embd, n_head, n_embd // n_head
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
-        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        if rope is not None and rope.head_dim != head_dim:
+            raise ValueError(f"rope.head_dim={rope.head_dim} must equal the head size {head_dim}")
+        self.n_embd, self.n_head, self.head_dim, self.n_kv_head = n_embd, n_head, head_dim, n_kv_head
+        # one fused projection: the queries of n_head heads, then the keys and the values of n_kv_head
+        self.c_attn = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * head_dim,
+                                bias=bias if qkv_bias is None else qkv_bias)
+        self.c_proj = nn.Linear(n_head * head_dim, n_embd, bias=bias)
+        # Qwen3: each head's query and key are RMS-normalised (one scale of head_dim shared by the heads)
+        self.q_norm = self.k_norm = None
+        if qk_norm_eps is not None:
+            self.q_norm = nn.RMSNorm(head_dim, eps=qk_norm_eps)
+            self.k_norm = nn.RMSNorm(head_dim, eps=qk_norm_eps)
         self.dropout, self.causal, self.use_sdpa, self.rope = dropout, causal, use_sdpa, rope
         self.scale = scale  # None: 1/sqrt(head_dim); muP (chapter 06) uses 1/head_dim
         self.resid_dropout = nn.Dropout(dropout)
@@ -155,8 +167,8 @@ class MultiHeadAttention(nn.Module):
         return x.view(b, t, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
 
     def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, t, _ = x.shape
-        return x.transpose(1, 2).contiguous().view(b, t, self.n_embd)  # (B, T, C)
+        b, h, t, d = x.shape
+        return x.transpose(1, 2).contiguous().view(b, t, h * d)  # (B, T, H hd): C unless head_dim is set
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
              attn_mask: torch.Tensor | None = None,
@@ -178,20 +190,30 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None,
-                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C).
 
-        ``cache`` is ``(k_buffer, v_buffer, start)`` with buffers (B, H, max_len, head_dim): this call's
-        keys and values are written at positions start..start+T-1, and the queries attend to every
-        position up to their own (chapter 03's KV cache).
+        ``cache`` is ``(k_buffer, v_buffer, start)`` with buffers (B, n_kv_head, max_len, head_dim): this
+        call's keys and values are written at positions start..start+T-1, and the queries attend to
+        every position up to their own (chapter 03's KV cache). ``positions`` (B, T), for RoPE, is each
+        token's position when it is not its index (left-padded prompts); default start..start+T-1.
         """
         if x.dim() != 3 or x.shape[-1] != self.n_embd:
             raise ValueError(f"x of shape {tuple(x.shape)} must be (B, T, n_embd={self.n_embd})")
         b, t, _ = x.shape
-        # one view of the fused projection, (B, T, 3, H, hd) -> (3, B, H, T, hd): the same q, k, v (with
-        # the same strides) as splitting it in three and applying split_heads to each, in 3 operations
-        # instead of 10, which a decoding step runs once per layer and token
-        q, k, v = self.c_attn(x).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        h, kv, d = self.n_head, self.n_kv_head, self.head_dim
+        if kv == h:
+            # one view of the fused projection, (B, T, 3, H, hd) -> (3, B, H, T, hd): the same q, k, v (with
+            # the same strides) as splitting it in three and applying split_heads to each, in 3
+            # operations instead of 10, which a decoding step runs once per layer and token
+            q, k, v = self.c_attn(x).view(b, t, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        else:  # grouped-query attention: fewer key and value heads than query heads
+            q, k, v = self.c_attn(x).split([h * d, kv * d, kv * d], dim=2)
+            q = q.view(b, t, h, d).transpose(1, 2)
+            k, v = k.view(b, t, kv, d).transpose(1, 2), v.view(b, t, kv, d).transpose(1, 2)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         start = 0
         if cache is not None:
             k_buf, v_buf, start = cache
@@ -199,10 +221,13 @@ class MultiHeadAttention(nn.Module):
             if end > k_buf.shape[2]:
                 raise ValueError(f"the cache holds {k_buf.shape[2]} positions; {end} are needed")
         if self.rope is not None:
-            q, k = self.rope(q, offset=start), self.rope(k, offset=start)
+            q = self.rope(q, offset=start, positions=positions)
+            k = self.rope(k, offset=start, positions=positions)
         if cache is not None:
             k_buf[:, :, start:end], v_buf[:, :, start:end] = k, v
             k, v = k_buf[:, :, :end], v_buf[:, :, :end]
+        if kv != h:  # each key-value head serves h / kv query heads, neighbours in order (as transformers)
+            k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
         p = self.dropout if self.training else 0.0
         if self.use_sdpa and self.recorded is None:
             y = self.core(q, k, v, p, attn_mask, key_padding_mask)
@@ -296,21 +321,28 @@ def sinusoidal_positions(t: int, d: int, base: float = 10000.0) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (RoPE): rotate each pair (x[2i], x[2i+1]) by angle p * base^(-2i/d).
+    """Rotary position embedding (RoPE): rotate pairs of a head's dimensions, pair i by the angle
+    p * base^(-2i/d) at position p.
 
     Applied to queries and keys, it makes the score q_m . k_n depend on the positions only through
-    m - n. ``forward(x, offset)`` takes (..., T, head_dim) with positions offset..offset+T-1.
+    m - n. ``forward(x, offset)`` takes (..., T, head_dim) with positions offset..offset+T-1, or
+    ``positions`` (B, T) for x (B, H, T, head_dim). ``interleaved=True`` pairs neighbours (x[2i],
+    x[2i+1]), as the RoPE paper and Meta's LLaMA code write it; ``False`` pairs x[i] with x[i + d/2],
+    as Hugging Face's LLaMA and Qwen do. The two are the same rotation in a reordered basis, so a
+    model trained with one runs with the other once its query and key rows are permuted.
 
-    Built in: 02_attention
+    Built in: 02_attention (interleaved), 03_gpt (half-split, for LLaMA-style models)
     """
 
     inv_freq: torch.Tensor  # (head_dim / 2,) a buffer
 
-    def __init__(self, head_dim: int, base: float = 10000.0):
+    def __init__(self, head_dim: int, base: float = 10000.0, interleaved: bool = True):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"head_dim={head_dim} must be even for RoPE")
-        self.head_dim, self.base = head_dim, base
+        if not (isinstance(base, (int, float)) and 1.0 < base < math.inf):
+            raise ValueError(f"base={base!r} must be a finite number greater than 1")
+        self.head_dim, self.base, self.interleaved = head_dim, base, interleaved
         self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2).double() / head_dim),
                              persistent=False)
 
@@ -318,13 +350,23 @@ class RotaryEmbedding(nn.Module):
         pos = torch.arange(offset, offset + t, dtype=torch.float64, device=self.inv_freq.device)
         return pos[:, None] * self.inv_freq[None, :]  # (T, head_dim / 2)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offset: int = 0,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"x of shape {tuple(x.shape)} must end in head_dim={self.head_dim}")
-        theta = self.angles(x.shape[-2], offset)
+        if positions is None:
+            theta = self.angles(x.shape[-2], offset)
+        else:  # (B, T) -> (B, 1, T, head_dim / 2): one set of angles per row, shared by its heads
+            if x.dim() != 4 or positions.shape != (x.shape[0], x.shape[2]):
+                raise ValueError(f"positions of shape {tuple(positions.shape)} must be (B, T) for x of shape "
+                                 f"{tuple(x.shape)} (B, H, T, head_dim)")
+            theta = positions.to(torch.float64)[:, None, :, None] * self.inv_freq
         cos, sin = theta.cos().to(x.dtype), theta.sin().to(x.dtype)
-        even, odd = x[..., 0::2], x[..., 1::2]
-        out = torch.empty_like(x)
-        out[..., 0::2] = even * cos - odd * sin
-        out[..., 1::2] = even * sin + odd * cos
-        return out
+        if self.interleaved:
+            even, odd = x[..., 0::2], x[..., 1::2]
+            out = torch.empty_like(x)
+            out[..., 0::2] = even * cos - odd * sin
+            out[..., 1::2] = even * sin + odd * cos
+            return out
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)

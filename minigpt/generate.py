@@ -24,7 +24,8 @@ from minigpt.model import GPT
 class KVCache:
     """Keys and values of every layer for the positions seen so far, in buffers allocated once.
 
-    ``k[layer]`` and ``v[layer]`` are (B, H, max_len, head_dim); ``length`` is how many positions are
+    ``k[layer]`` and ``v[layer]`` are (B, K, max_len, head_dim), K the key-value heads (``n_head``, or
+    fewer under grouped-query attention: that is what it saves); ``length`` is how many positions are
     filled. Each forward pass with the cache writes its new positions and attends to all filled ones,
     so a new token costs one position's work instead of the whole sequence's.
 
@@ -37,7 +38,7 @@ class KVCache:
         if not 0 < max_len <= c.block_size:
             raise ValueError(f"max_len={max_len} must be in [1, block_size={c.block_size}]")
         p = model.lm_head.weight
-        shape = (c.n_layer, batch_size, c.n_head, max_len, c.head_dim)
+        shape = (c.n_layer, batch_size, c.kv_heads, max_len, c.head_dim)
         self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.length = 0
@@ -171,13 +172,91 @@ def _decode(model: GPT, idx: torch.Tensor, max_new_tokens: int, pick: Callable[[
     return out
 
 
+def _decode_padded(model: GPT, idx: torch.Tensor, padding: torch.Tensor, max_new_tokens: int,
+                   pick: Callable[[torch.Tensor], torch.Tensor], stop: torch.Tensor, pad: int,
+                   use_cache: bool) -> torch.Tensor:
+    """:func:`_decode` for left-padded prompts: ``padding`` (B, T) is True at the padding. A row's
+    tokens take positions 0, 1, ... from its first real token on, and no query attends to padding, so
+    each row computes what it would alone (up to rounding: its products run in a larger batch)."""
+    b, t0 = idx.shape
+    total = t0 + max_new_tokens
+    if total > model.config.block_size:
+        raise ValueError(f"prompts padded to {t0} tokens plus max_new_tokens={max_new_tokens} exceed "
+                         f"block_size={model.config.block_size}: a padded batch does not slide its window; "
+                         f"generate such prompts one at a time")
+    out = torch.full((b, total), pad, dtype=torch.long, device=idx.device)
+    out[:, :t0] = idx
+    keys = torch.zeros(b, total, dtype=torch.bool, device=idx.device)  # True: padding, never attended to
+    keys[:, :t0] = padding
+    positions = ((~keys).long().cumsum(1) - 1).clamp(min=0)  # each row counts from its first token
+    done = torch.zeros(b, dtype=torch.bool, device=idx.device)
+    cache = KVCache(model, b, total) if use_cache else None
+    for pos in range(t0, total):
+        cols = slice(0 if cache is None else cache.length, pos)  # without a cache, the whole prefix
+        logits, _ = model(out[:, cols], kv_cache=cache, positions=positions[:, cols],
+                          padding_mask=keys[:, :pos])
+        nxt = pick(logits[:, -1, :].float())
+        if stop.numel():
+            nxt = torch.where(done, pad, nxt)
+            done |= torch.isin(nxt, stop)
+        out[:, pos] = nxt
+        if stop.numel() and done.all():
+            return out[:, :pos + 1]
+    return out
+
+
+def _prompts(input_ids, attention_mask, pad: int, device) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """(ids (B, T), padding (B, T) True at left padding or None, whether the prompts came as a list)."""
+    if isinstance(input_ids, torch.Tensor) or not isinstance(input_ids, Sequence) or not input_ids or \
+            not all(isinstance(p, (Sequence, torch.Tensor)) and not isinstance(p, str) for p in input_ids):
+        try:
+            idx = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"input_ids must be a prompt (a list of token ids), a list of prompts (of any "
+                             f"lengths) or a (B, T) tensor; got {type(input_ids).__name__} ({e})") from None
+        if attention_mask is None:
+            return idx, None, False
+        mask = torch.as_tensor(attention_mask, device=device)
+        if mask.shape != idx.shape or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"attention_mask of shape {tuple(mask.shape)} must be 0s and 1s of input_ids' "
+                             f"shape {tuple(idx.shape)}")
+        mask = mask.bool()
+        if bool((mask[:, :-1] & ~mask[:, 1:]).any()) or not bool(mask[:, -1].all()):
+            raise ValueError("attention_mask must pad on the left (each row: 0s, then 1s to the end); a row "
+                             "with padding on its right or in its middle cannot be continued")
+        return idx, (~mask if not bool(mask.all()) else None), False
+    if attention_mask is not None:
+        raise ValueError("a list of prompts is padded here: pass attention_mask only with a (B, T) tensor")
+    rows = []
+    for i, p in enumerate(input_ids):
+        row = torch.as_tensor(p, dtype=torch.long, device=device) if len(p) else None
+        if row is None or row.dim() != 1:
+            raise ValueError(f"prompt {i} must be a non-empty list of token ids; got "
+                             f"{'nothing' if row is None else f'shape {tuple(row.shape)}'}")
+        rows.append(row)
+    t = max(len(r) for r in rows)
+    idx = torch.full((len(rows), t), pad, dtype=torch.long, device=device)
+    padding = torch.ones(len(rows), t, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        idx[i, t - len(r):], padding[i, t - len(r):] = r, False
+    return idx, (padding if bool(padding.any()) else None), True
+
+
 @torch.inference_mode()
 def generate(model: GPT, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int | None = None,
              *, max_length: int | None = None, do_sample: bool = True, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, num_return_sequences: int = 1,
              stop_tokens: Iterable[int] = (), pad_token_id: int | None = None,
-             generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+             generator: torch.Generator | None = None, use_cache: bool = True,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
     """Continue ``input_ids`` (a list of ids, or a (B, T) tensor) and return prompt + continuation.
+
+    Prompts of different lengths come as a list of lists of ids, and then the result is a list of
+    1-D tensors, each prompt followed by its continuation (up to and including its stop token); or as
+    a (B, T) tensor padded on the left with ``attention_mask`` (1 for a token, 0 for padding, as in
+    ``transformers``), and then the result is that tensor continued. Either way each row gets the
+    tokens it would get alone: its positions count from its first token and nothing attends to the
+    padding. Such a batch must fit in ``block_size`` with its new tokens.
 
     ``do_sample=False`` or ``temperature=0`` picks the most likely token (greedy). A sequence that
     emits one of ``stop_tokens`` stops there; it is padded with ``pad_token_id`` (default: that stop
@@ -191,7 +270,8 @@ def generate(model: GPT, input_ids: torch.Tensor | Sequence[int], max_new_tokens
     """
     if max_new_tokens is None and max_length is None:
         raise ValueError("give max_new_tokens or max_length")
-    idx = torch.as_tensor(input_ids, dtype=torch.long, device=model.lm_head.weight.device)
+    pad = pad_token_id if pad_token_id is not None else (min(stop_tokens) if stop_tokens else 0)
+    idx, padding, as_list = _prompts(input_ids, attention_mask, pad, model.lm_head.weight.device)
     if idx.dim() == 1:
         idx = idx[None]
     if idx.dim() != 2 or idx.shape[1] == 0:
@@ -207,19 +287,30 @@ def generate(model: GPT, input_ids: torch.Tensor | Sequence[int], max_new_tokens
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=idx.device)
     if stop.numel() and (stop.min() < 0 or stop.max() >= vocab):
         raise ValueError(f"stop_tokens must be token ids in [0, {vocab})")
-    pad = pad_token_id if pad_token_id is not None else (int(stop[0]) if stop.numel() else 0)
     t = 0.0 if greedy else temperature
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         return sample_next(logits, t, top_k, top_p, generator)
 
     idx = idx.repeat_interleave(num_return_sequences, dim=0)
-    if max_new_tokens == 0:
-        return idx
-    was_training = model.training
-    model.eval()
-    try:
-        with _column_major(model):
-            return _decode(model, idx, max_new_tokens, pick, stop, pad, use_cache)
-    finally:
-        model.train(was_training)
+    if padding is not None:
+        padding = padding.repeat_interleave(num_return_sequences, dim=0)
+    out = idx
+    if max_new_tokens > 0:
+        was_training = model.training
+        model.eval()
+        try:
+            with _column_major(model):
+                out = (_decode(model, idx, max_new_tokens, pick, stop, pad, use_cache) if padding is None else
+                       _decode_padded(model, idx, padding, max_new_tokens, pick, stop, pad, use_cache))
+        finally:
+            model.train(was_training)
+    if not as_list:
+        return out
+    rows = []
+    for i, row in enumerate(out):
+        start, t0 = (0 if padding is None else int(padding[i].sum())), idx.shape[1]
+        new = row[t0:]
+        stops = torch.isin(new, stop).nonzero()
+        rows.append(torch.cat([row[start:t0], new[:int(stops[0]) + 1] if len(stops) else new]))
+    return rows

@@ -14,9 +14,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt.attention import MultiHeadAttention
+from minigpt.attention import MultiHeadAttention, RotaryEmbedding
 from minigpt.checks import positive_int
 from minigpt.moe import MoE
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+POSITIONS = ("learned", "rope", "none")
+# The options that take GPT-2 to LLaMA (chapter 03), at GPT-2's values and at LLaMA's: for example
+# GPTConfig(**LLAMA_STYLE, n_kv_head=2). Qwen2 adds qkv_bias=True; Qwen3 qk_norm=True.
+GPT2_STYLE = dict(norm="layernorm", mlp="gelu", mlp_hidden=None, positions="learned", n_kv_head=None,
+                  head_size=None, qkv_bias=None, qk_norm=False, tie_embeddings=True)
+LLAMA_STYLE = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, tie_embeddings=False)
+
+
+def require_gpt2(config: GPTConfig, what: str) -> None:
+    """ValueError naming the first option at which ``config`` leaves GPT-2, for code written for GPT-2
+    only (``what`` names it)."""
+    for k, v in GPT2_STYLE.items():
+        if getattr(config, k) != v:
+            raise ValueError(f"{what} takes GPT-2-style models only; this one has {k}="
+                             f"{getattr(config, k)!r} (GPT-2: {v!r})")
 
 
 @dataclass
@@ -45,12 +63,43 @@ class GPTConfig:
     n_expert: int = 0
     expert_top_k: int = 2
     moe_aux_weight: float = 0.01
+    # From GPT-2 to LLaMA (chapter 03). Each default is GPT-2's; LLAMA_STYLE holds LLaMA's choices.
+    norm: str = "layernorm"  # "rmsnorm": divide by the root mean square, then a scale (no mean, no shift)
+    mlp: str = "gelu"  # "swiglu": W_down(silu(x W_gate) * (x W_up)), three matrices
+    mlp_hidden: int | None = None  # the MLP's hidden width; None: ffn_hidden's rule
+    positions: str = "learned"  # "rope": rotary, on queries and keys; "none": no position signal
+    rope_theta: float = 10000.0  # RoPE's base (LLaMA-2 10,000; LLaMA-3 500,000)
+    n_kv_head: int | None = None  # key and value heads (grouped-query attention); None: n_head; 1: MQA
+    head_size: int | None = None  # each head's width; None: n_embd / n_head (Qwen3 sets it apart)
+    qkv_bias: bool | None = None  # biases on the queries, keys and values; None: as bias (Qwen2: on)
+    qk_norm: bool = False  # RMSNorm on each head's query and key, before RoPE (Qwen3)
+    tie_embeddings: bool = True  # the head reuses the token embedding (GPT-2); LLaMA-2 and up: False
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             positive_int(name, getattr(self, name))
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.head_size is None and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} (or set "
+                             f"head_size)")
+        for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("positions", POSITIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {', '.join(allowed)}")
+        for name in ("mlp_hidden", "n_kv_head", "head_size"):
+            if getattr(self, name) is not None:
+                positive_int(name, getattr(self, name))
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}: each key-value "
+                             f"head serves the same number of query heads")
+        if not (isinstance(self.rope_theta, (int, float)) and 1.0 < self.rope_theta < math.inf):
+            raise ValueError(f"rope_theta={self.rope_theta!r} must be a finite number greater than 1")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"positions='rope' rotates pairs of dimensions: the head size {self.head_dim} "
+                             f"must be even")
+        for name in ("bias", "qk_norm", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        if self.qkv_bias is not None and not isinstance(self.qkv_bias, bool):
+            raise ValueError(f"qkv_bias={self.qkv_bias!r} must be True, False or None (as bias)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if not self.layer_norm_epsilon > 0:
@@ -77,7 +126,29 @@ class GPTConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.n_embd // self.n_head if self.head_size is None else self.head_size
+
+    @property
+    def kv_heads(self) -> int:
+        """Key and value heads: ``n_kv_head``, or ``n_head`` (multi-head attention) when it is None."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        """The MLP's hidden width: ``mlp_hidden`` if set; else GPT-2's 4 n_embd for the GELU MLP, and
+        for SwiGLU two thirds of that (so that its three matrices hold as many parameters as GELU's
+        two), rounded up to a multiple of 32, as LLaMA rounds it up to a multiple of 256."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return -(-(8 * self.n_embd // 3) // 32) * 32
+
+    @property
+    def is_gpt2(self) -> bool:
+        """Whether every option of the step to LLaMA is at GPT-2's value (the parallel strategies of
+        chapter 08 and the wafer's emulator take only such models)."""
+        return all(getattr(self, k) == v for k, v in GPT2_STYLE.items())
 
     @property
     def mup(self) -> bool:
@@ -100,33 +171,69 @@ class GPTConfig:
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: expand 4x, GELU (tanh approximation, as GPT-2), project back."""
+    """Position-wise feed-forward: expand (4x in GPT-2), GELU (tanh approximation, as GPT-2), project
+    back."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
+        self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+class SwiGLU(nn.Module):
+    """LLaMA's gated MLP: ``c_proj(silu(gate) * up)``, where ``c_fc`` computes [gate | up] in one
+    product (its first ``ffn_hidden`` outputs are the gate, Hugging Face's ``gate_proj``; the rest
+    ``up_proj``; ``c_proj`` is ``down_proj``). Shazeer (2020, arXiv:2002.05202)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        eps = config.layer_norm_epsilon
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
-        self.attn = MultiHeadAttention(config.n_embd, config.n_head, bias=config.bias,
-                                       dropout=config.dropout, causal=True, use_sdpa=True,
-                                       scale=config.attention_scale if config.mup else None)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
-        self.mlp = MoE(config) if config.n_expert else MLP(config)  # MoE: E MLPs and a router
+        self.c_fc = nn.Linear(config.n_embd, 2 * config.ffn_hidden, bias=config.bias)
+        self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache=cache)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        return self.dropout(self.c_proj(F.silu(gate) * up))
+
+
+def make_mlp(config: GPTConfig) -> nn.Module:
+    """The block's dense MLP as ``config.mlp`` says: :class:`MLP` (GELU) or :class:`SwiGLU`."""
+    return SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    """LayerNorm (GPT-2: subtract the mean, divide by the standard deviation, scale and shift) or
+    RMSNorm (LLaMA: divide by the root mean square, scale) over n_embd, as ``config.norm`` says."""
+    eps = config.layer_norm_epsilon
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=eps)
+    return nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        rope = (RotaryEmbedding(config.head_dim, config.rope_theta, interleaved=False)
+                if config.positions == "rope" else None)
+        self.attn = MultiHeadAttention(config.n_embd, config.n_head, bias=config.bias,
+                                       dropout=config.dropout, causal=True, use_sdpa=True, rope=rope,
+                                       scale=config.attention_scale if config.mup else None,
+                                       n_kv_head=config.kv_heads, qkv_bias=config.qkv_bias,
+                                       head_dim=config.head_size,
+                                       qk_norm_eps=config.layer_norm_epsilon if config.qk_norm else None)
+        self.ln_2 = make_norm(config)
+        self.mlp = MoE(config) if config.n_expert else make_mlp(config)  # MoE: E MLPs and a router
+
+    def forward(self, x: torch.Tensor, cache=None, padding_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache=cache, key_padding_mask=padding_mask, positions=positions)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -141,10 +248,11 @@ class Body(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.positions == "learned":  # rotary positions act inside attention; "none" has none
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_f = make_norm(config)
 
 
 class GPT(nn.Module):
@@ -166,7 +274,8 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = Body(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying: one matrix, two uses
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying: one matrix, two uses
         self.apply(self._init_weights)
         # GPT-2: 2 n_layer residual projections add to the stream, so their weights start smaller by
         # 1/sqrt(2 n_layer): what the blocks add to the stream's variance then does not grow with depth.
@@ -188,12 +297,16 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def features(self, idx: torch.Tensor, kv_cache=None) -> torch.Tensor:
+    def features(self, idx: torch.Tensor, kv_cache=None, *, positions: torch.Tensor | None = None,
+                 padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> the final hidden states (B, T, n_embd), after ``ln_f``: what the head
         reads, and what a classifier built on the body (chapter 05) reads instead.
 
         ``kv_cache`` (a :class:`minigpt.generate.KVCache`) continues a sequence whose earlier keys and
-        values it holds; this call's are appended to it.
+        values it holds; this call's are appended to it. For rows that do not start at position 0
+        (left-padded prompts of different lengths), ``positions`` (B, T) gives each token's position and
+        ``padding_mask`` (B, S) marks with True the keys no query may attend to, S counting the cached
+        positions too.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx of shape {tuple(idx.shape)} must be (B, T)")
@@ -207,26 +320,38 @@ class GPT(nn.Module):
         if low < 0 or high >= self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got "
                              f"{low.item()}..{high.item()}")
-        pos = torch.arange(start, start + t, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        if positions is not None and positions.shape != idx.shape:
+            raise ValueError(f"positions of shape {tuple(positions.shape)} must match idx of shape "
+                             f"{tuple(idx.shape)}")
+        if padding_mask is not None and padding_mask.shape != (b, start + t):
+            raise ValueError(f"padding_mask of shape {tuple(padding_mask.shape)} must be (B={b}, "
+                             f"S={start + t}): one entry per key, the cached ones included")
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.positions == "learned":
+            pos = torch.arange(start, start + t, device=idx.device) if positions is None else positions
+            x = x + self.transformer.wpe(pos)
         if self.config.mup and self.config.mup_input_mult != 1.0:
             x = x * self.config.mup_input_mult
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i], start)
-            x = block(x, cache=cache)
+            if positions is None and padding_mask is None:
+                x = block(x, cache=cache)
+            else:
+                x = block(x, cache=cache, padding_mask=padding_mask, positions=positions)
         if kv_cache is not None:
             kv_cache.length = start + t
         return self.transformer.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None,
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None, *,
+                positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
 
-        ``targets`` (B, T) gives the mean cross-entropy, ignoring positions set to -100. ``kv_cache``
-        as in :meth:`features`.
+        ``targets`` (B, T) gives the mean cross-entropy, ignoring positions set to -100. ``kv_cache``,
+        ``positions`` and ``padding_mask`` as in :meth:`features`.
         """
-        logits = self.lm_head(self.features(idx, kv_cache))  # (B, T, vocab)
+        logits = self.lm_head(self.features(idx, kv_cache, positions=positions, padding_mask=padding_mask))
         if self.config.mup:
             logits = logits * (self.config.mup_output_mult / self.config.width_mult)
         loss = None
@@ -277,112 +402,52 @@ class GPT(nn.Module):
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+            for name in ("wte", "wpe"):  # a model with rotary positions (or none) has no wpe
+                table = getattr(self.transformer, name, None)
+                if isinstance(table, nn.Embedding):
+                    n -= table.weight.numel()
         return n
 
-    # -- Hugging Face GPT-2 ----------------------------------------------------------------------------
+    # -- Hugging Face models (minigpt.hf) -------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf_model) -> GPT:
-        """A GPT with the weights of a ``transformers`` ``GPT2LMHeadModel`` (Conv1D weights transposed).
+        """A GPT with the weights of a ``transformers`` causal language model: ``GPT2LMHeadModel``,
+        ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM`` (:func:`minigpt.hf.from_hf`).
 
         Built in: 03_gpt
         """
-        c = hf_model.config
-        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"activation_function={c.activation_function!r}: minigpt's MLP uses GELU "
-                             f"with the tanh approximation ('gelu_new')")
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
-                           n_head=c.n_head, n_embd=c.n_embd, dropout=0.0, bias=True,
-                           layer_norm_epsilon=c.layer_norm_epsilon)
+        from minigpt import hf
+
+        config, state = hf.config_and_state(hf_model)
         model = cls(config)
-        model.load_state_dict(_hf_to_minigpt(hf_model.state_dict()))
+        model.load_state_dict(state)
         return model
 
     def to_hf(self):
-        """A ``transformers`` ``GPT2LMHeadModel`` with this model's weights.
+        """A ``transformers`` model with this model's weights: ``GPT2LMHeadModel`` for a GPT-2-style
+        config; for a LLaMA-style one (RMSNorm, SwiGLU, RoPE) ``LlamaForCausalLM``, or
+        ``Qwen2ForCausalLM`` with biases on q, k and v only, or ``Qwen3ForCausalLM`` with ``qk_norm``.
 
         Built in: 03_gpt
         """
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from minigpt import hf
 
-        c = self.config
-        if c.n_expert:
-            raise ValueError(f"n_expert={c.n_expert}: a mixture of experts has no GPT-2 equivalent")
-        if not c.bias:
-            raise ValueError("bias=False has no GPT-2 equivalent: GPT-2 has biases everywhere")
-        if c.mup:
-            raise ValueError(f"mup_base_width={c.mup_base_width}: a muP model has no GPT-2 equivalent "
-                             f"(its multipliers and attention scale differ)")
-        eos = c.vocab_size - 1
-        hf = GPT2LMHeadModel(GPT2Config(
-            vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-            n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            layer_norm_epsilon=c.layer_norm_epsilon, activation_function="gelu_new",
-            bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True))
-        missing, unexpected = hf.load_state_dict(_minigpt_to_hf(self.state_dict()), strict=False)
-        leftover = [k for k in missing if k != "lm_head.weight"] + list(unexpected)
-        if leftover:
-            raise RuntimeError(f"weights did not line up with GPT2LMHeadModel: {leftover[:5]}")
-        hf.tie_weights()
-        return hf.eval()
+        return hf.to_hf(self)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = "gpt2") -> GPT:
-        """GPT-2 weights from this machine's disk, never from the network: ``name_or_path`` is a
-        directory written by ``save_pretrained``, or a Hugging Face model name (``gpt2``,
-        ``gpt2-medium``, ...) whose weights are in the local Hugging Face cache. Loaded through
-        ``transformers`` with ``local_files_only=True``; when they are not there, a FileNotFoundError
-        names what is missing and how to fetch it on a machine with internet access.
+        """Released weights from this machine's disk, never from the network: ``name_or_path`` is a
+        directory written by ``save_pretrained`` (config.json and safetensors), or a Hugging Face model
+        name (``gpt2``, ``Qwen/Qwen2.5-0.5B``, ...) whose files are in the local Hugging Face cache.
+        GPT-2, LLaMA, Qwen2 and Qwen3 models load, through ``transformers`` with
+        ``local_files_only=True``; when the files are not there, a FileNotFoundError names what is
+        missing and how to fetch it on a machine with internet access.
 
         Built in: 03_gpt
         """
-        try:
-            from transformers import GPT2LMHeadModel
-        except ImportError:
-            raise ImportError("GPT.from_pretrained needs the transformers package") from None
-        text = os.path.expanduser(os.fspath(name_or_path))
-        # a path, or a model name ("name" or "owner/name": no leading / . ~ and one / at most)
-        is_path = (isinstance(name_or_path, os.PathLike) or os.path.isdir(text)
-                   or text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text)
-        if is_path and not os.path.isdir(text):
-            raise FileNotFoundError(f"no directory {text!r}: pass a directory written by save_pretrained")
-        try:
-            hf = GPT2LMHeadModel.from_pretrained(text, local_files_only=True)
-        except (OSError, ValueError) as e:  # transformers: files missing, or not a valid model name
-            raise FileNotFoundError(_missing_weights(text, is_path, e)) from None
-        return cls.from_hf(hf)
+        from minigpt import hf
 
-
-def _missing_weights(name_or_path: str, is_path: bool, error: Exception) -> str:
-    """What from_pretrained could not find, and how to get it without downloading at run time."""
-    if is_path:
-        return (f"{name_or_path!r} holds no GPT-2 model (a save_pretrained directory has config.json and "
-                f"model.safetensors): {type(error).__name__}: {str(error)[:200]}")
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    return (f"{name_or_path!r} is not in the local Hugging Face cache ({HF_HUB_CACHE}), and minigpt never "
-            f"downloads. On a machine with internet access run `python -c \"from transformers import "
-            f"GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('{name_or_path}')\"`, then copy that "
-            f"machine's Hugging Face cache here (or point HF_HOME at it); or pass a directory written by "
-            f"GPT2LMHeadModel.save_pretrained")
-
-
-# Hugging Face's GPT-2 uses Conv1D layers, whose weight is (in, out): the transpose of nn.Linear's.
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def _hf_to_minigpt(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        if k.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers in older versions
-            continue
-        out[k] = v.t() if k.endswith(_CONV1D) else v
-    out.setdefault("lm_head.weight", out["transformer.wte.weight"])
-    return out
-
-
-def _minigpt_to_hf(sd: dict) -> dict:
-    return {k: (v.t() if k.endswith(_CONV1D) else v) for k, v in sd.items()}
+        return cls.from_hf(hf.load_local(name_or_path))
 
 
 # --- FLOPs --------------------------------------------------------------------------------------------
@@ -395,16 +460,20 @@ def flops_per_token(config: GPTConfig, context: int | None = None) -> dict[str, 
     2CV. Backward costs twice the forward (a gradient for the input and one for the weights of each
     matmul), so training is 3x. Left out: LayerNorm, softmax, GELU, bias adds, embedding lookups,
     which are O(C) per token, not O(C^2). With a mixture of experts (``n_expert`` > 0) each token runs
-    ``expert_top_k`` expert MLPs, 16C^2 each, and the router's 2CE (chapter 08).
+    ``expert_top_k`` expert MLPs, 16C^2 each, and the router's 2CE (chapter 08). The LLaMA options
+    change the terms: with K key-value heads of size hd, the QKV projection is 2C(H + 2K)hd; a SwiGLU
+    MLP of hidden width F is 6CF (GELU's is 4CF, 16C^2 at F = 4C).
 
     Built in: 03_gpt
     """
     t = config.block_size if context is None else context
     c, n_layer, v = config.n_embd, config.n_layer, config.vocab_size
-    mlp = 16 * c * c
+    q_width, kv_width = config.n_head * config.head_dim, config.kv_heads * config.head_dim
+    one_mlp = (6 if config.mlp == "swiglu" else 4) * c * config.ffn_hidden
+    mlp = one_mlp
     if config.n_expert:
-        mlp = config.expert_top_k * 16 * c * c + 2 * c * config.n_expert
-    per_layer = 8 * c * c + mlp + 4 * t * c
+        mlp = config.expert_top_k * one_mlp + 2 * c * config.n_expert
+    per_layer = 2 * c * (q_width + 2 * kv_width) + 2 * q_width * c + mlp + 4 * t * q_width
     forward = n_layer * per_layer + 2 * c * v
     return {"forward": float(forward), "training": 3.0 * forward,
-            "attention_share": n_layer * 4 * t * c / forward}
+            "attention_share": n_layer * 4 * t * q_width / forward}

@@ -109,8 +109,8 @@ def load_balancing_loss(counts: torch.Tensor, prob_sum: torch.Tensor, n_tokens: 
 
 class MoE(nn.Module):
     """A mixture-of-experts MLP in place of the block's MLP: a router ``router`` (C -> E, no bias)
-    and ``experts``, E MLPs of the block's shape (C -> 4C -> C). Each token goes to its
-    ``top_k`` experts (:func:`route`), every routed token is processed (dropless), and their outputs
+    and ``experts``, E MLPs of the block's shape (C -> 4C -> C in GPT-2, or SwiGLU). Each token goes
+    to its ``top_k`` experts (:func:`route`), every routed token is processed (dropless), and their outputs
     are summed with the router's renormalised weights. After each forward, ``aux_loss`` holds the
     load-balancing loss of the tokens it saw (:func:`load_balancing_loss`).
 
@@ -119,13 +119,13 @@ class MoE(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        from minigpt.model import MLP  # here, not at the top: minigpt.model imports this module
+        from minigpt.model import make_mlp  # here, not at the top: minigpt.model imports this module
 
         if config.n_expert < 1:
             raise ValueError(f"n_expert={config.n_expert}: a mixture of experts needs at least 1")
         self.n_expert, self.top_k = config.n_expert, config.expert_top_k
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
+        self.experts = nn.ModuleList(make_mlp(config) for _ in range(config.n_expert))
         self.aux_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

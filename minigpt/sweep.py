@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minigpt.model import GPT, GPTConfig
+from minigpt.model import GPT, GPTConfig, require_gpt2
 from minigpt.train import TokenWindows, TrainConfig, learning_rate, parameter_groups
 
 
@@ -44,6 +44,7 @@ def stack_parameters(models: list[GPT]) -> dict[str, torch.Tensor]:
     config = models[0].config
     if any(m.config != config for m in models):
         raise ValueError("every member must have the same GPTConfig")
+    require_gpt2(config, "the stacked models")
     if config.dropout != 0.0:
         raise ValueError(f"dropout={config.dropout}: the stacked models support dropout=0.0 only")
     per_model = [dict(m.named_parameters()) for m in models]

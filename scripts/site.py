@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 REFERENCES = "99_references"  # the book's references page: listed under "Reference", not as a chapter
 STAGE = ROOT / "build" / "site"
 MODULES = {"minigpt": ["envcheck", "stories", "entropy", "data", "files", "checks", "tokenizer", "attention",
-                       "model", "generate", "hardware", "train", "finetune", "lora", "distributed", "scaling",
-                       "sweep", "widgets", "moe", "parallel", "parallel.launch", "parallel.zero",
+                       "model", "hf", "generate", "hardware", "train", "finetune", "lora", "distributed",
+                       "scaling", "sweep", "widgets", "moe", "parallel", "parallel.launch", "parallel.zero",
                        "parallel.tensor", "parallel.schedules", "parallel.pipeline", "parallel.context",
                        "parallel.expert", "parallel.sharded", "parallel.planner"],
            "wafer": ["hardware", "target", "shape", "workload", "stages", "cost", "mesh", "network",

@@ -1,5 +1,5 @@
-"""wafer.inference: model shapes, the KV cache's layouts against WaferLLM's figures, decode and prefill,
-and their energy per token."""
+"""wafer.inference: the released models' configs, the KV cache's layouts against WaferLLM's figures,
+decode and prefill, and their energy per token."""
 
 import dataclasses
 import math
@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from minigpt.model import LLAMA_STYLE, GPTConfig
 from wafer.cost import gemm_cycles, gemv_cycles
 from wafer.hardware import A100, H100, WSE2, WSE3
 from wafer.inference import (
@@ -19,7 +20,16 @@ from wafer.inference import (
     min_wafers,
     prefill,
 )
-from wafer.shape import LLAMA2_13B, LLAMA3_8B, QWEN2_72B, Shape
+from wafer.shape import (
+    LLAMA2_13B,
+    LLAMA3_8B,
+    QWEN2_72B,
+    kv_bytes_per_token,
+    kv_width,
+    layer_params,
+    params,
+    products,
+)
 from wafer.target import Target
 
 
@@ -32,31 +42,31 @@ def _prefill(shape, wafer, side, prompt, **kwargs):
 
 
 def test_shapes_count_the_published_parameters():
-    assert LLAMA3_8B.params == 8_030_261_248  # as the released weights count
-    assert LLAMA2_13B.params == 13_015_864_320
-    assert LLAMA3_8B.d_kv == 1024 and LLAMA3_8B.kv_bytes_per_token() == 2 * 32 * 1024 * 2
-    assert LLAMA2_13B.d_kv == 5120  # no grouped-query attention
+    assert params(LLAMA3_8B) == 8_030_261_248  # as the released weights count
+    assert params(LLAMA2_13B) == 13_015_864_320
+    assert kv_width(LLAMA3_8B) == 1024 and kv_bytes_per_token(LLAMA3_8B) == 2 * 32 * 1024 * 2
+    assert kv_width(LLAMA2_13B) == 5120  # no grouped-query attention
 
 
 def test_layout_by_hand_and_the_published_kv_capacity():
     l8 = layout(LLAMA3_8B, WSE2, 360)
     assert (l8.regions, l8.layers_per_region) == (4, 8)  # the 750 x 994 grid holds 2 x 2 squares of 360
-    weights = -(-8 * LLAMA3_8B.layer_params * 2 // 360**2)
+    weights = -(-8 * layer_params(LLAMA3_8B) * 2 // 360**2)
     assert l8.weight_bytes_per_pe == weights and l8.free_bytes_per_pe == 49152 - weights
     assert l8.kv_bytes_per_token_per_pe == 8 * 2 * 3 * 2  # 1024 K (and V) columns over 360 PEs: 3 each
     assert l8.shift_tokens == 360 * l8.concat_tokens
     # WaferLLM's figures (concatenation 382 and 16, shift 137,548 and 6,168) are what 6 and 9 layers per
     # region give, within 5%
     published = ((LLAMA3_8B, 360, 6, 382, 137_548), (LLAMA2_13B, 375, 9, 16, 6_168))
-    for shape, side, layers, concat, shift in published:
-        lay = layout(shape, WSE2, side, layers_per_region=layers)
+    for config, side, layers, concat, shift in published:
+        lay = layout(config, WSE2, side, layers_per_region=layers)
         assert abs(lay.concat_tokens / concat - 1) < 0.06 and abs(lay.shift_tokens / shift - 1) < 0.06
 
 
 def test_decode_is_latency_and_prefill_is_compute():
     wide = _decode(LLAMA3_8B, WSE2, 360, 2048)
     compute = sum(gemv_cycles(WSE2, m, n, (360, 360), 2, "fp16").compute
-                  for _, m, n in LLAMA3_8B.products())
+                  for _, m, n in products(LLAMA3_8B))
     assert wide.weights_s > 5 * 32 * compute / WSE2.clock_hz  # mostly broadcasts and reductions
     assert wide.between_wafers_s == 0 and wide.tokens_per_s == 1 / wide.seconds
     assert wide.seconds == pytest.approx(wide.weights_s + wide.attention_s + wide.allreduce_s + wide.head_s)
@@ -65,7 +75,7 @@ def test_decode_is_latency_and_prefill_is_compute():
     assert longer.seconds > d.seconds  # attention grows with the context
     best = max((120, 180, 360), key=lambda p: _decode(LLAMA3_8B, WSE2, p, 2048).tokens_per_s)
     assert best == 180  # more PEs cut compute but lengthen every reduction
-    for _, m, n in LLAMA3_8B.products():  # prefill uses Cannon's lockstep bound: within a cycle here
+    for _, m, n in products(LLAMA3_8B):  # prefill uses Cannon's lockstep bound: within a cycle here
         g = gemm_cycles(WSE2, 512, n, m, 60, "interleave", "fp16")
         assert g.lockstep is not None and 0 <= g.lockstep - g.total <= 1
     p = _prefill(LLAMA3_8B, WSE2, 120, 512)
@@ -75,7 +85,7 @@ def test_decode_is_latency_and_prefill_is_compute():
 
 def test_decode_over_wafers_adds_the_crossings():
     seven = _decode(QWEN2_72B, WSE2, 360, 2048, wafers=7)
-    crossing = 1e-6 + QWEN2_72B.d_model * 2 * 8 / WSE2.io_bits_per_s  # a switch, and one token's activations
+    crossing = 1e-6 + QWEN2_72B.n_embd * 2 * 8 / WSE2.io_bits_per_s  # a switch, and one token's activations
     assert seven.between_wafers_s == pytest.approx(6 * crossing)
     parts = seven.weights_s + seven.attention_s + seven.allreduce_s + seven.head_s + seven.between_wafers_s
     assert seven.seconds == pytest.approx(parts)
@@ -86,7 +96,7 @@ def test_decode_over_wafers_adds_the_crossings():
 def test_gpu_roofline():
     g = gpu_decode(LLAMA3_8B, H100, 2048)
     assert g.limit == "memory"
-    nbytes = LLAMA3_8B.params * 2 + 2048 * LLAMA3_8B.kv_bytes_per_token()
+    nbytes = params(LLAMA3_8B) * 2 + 2048 * kv_bytes_per_token(LLAMA3_8B)
     assert g.memory_s == pytest.approx(nbytes / H100.hbm_bytes_per_s) and g.seconds == g.memory_s
     assert g.tokens_per_s == pytest.approx(H100.hbm_bytes_per_s / nbytes)
     assert gpu_decode(LLAMA3_8B, A100, 2048).tokens_per_s < g.tokens_per_s
@@ -111,7 +121,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="prompt=0"):
         gpu_prefill(LLAMA3_8B, H100, 0)
     with pytest.raises(ValueError, match="n_kv_head=3 must divide n_head"):
-        Shape("odd", 2, 64, 4, 3, 128, 100)
+        GPTConfig(**LLAMA_STYLE, n_layer=2, n_embd=64, n_head=4, n_kv_head=3, mlp_hidden=128, vocab_size=100)
 
 
 def _shift_by_hand(tokens, side):
@@ -156,14 +166,14 @@ def test_joules_per_token_is_power_times_seconds_per_token():
     assert joules_per_token(seven, WSE2, 7) == pytest.approx(7 * WSE2.power_w * seven.seconds)
     # a memory-bound GPU decode: power x bytes read per token / bandwidth, whatever the peak
     g = gpu_decode(LLAMA3_8B, H100, 2048)
-    nbytes = LLAMA3_8B.params * 2 + 2048 * LLAMA3_8B.kv_bytes_per_token()
+    nbytes = params(LLAMA3_8B) * 2 + 2048 * kv_bytes_per_token(LLAMA3_8B)
     assert joules_per_token(g, H100) == pytest.approx(H100.power_w * nbytes / H100.hbm_bytes_per_s)
     faster = dataclasses.replace(H100, bf16_flops=2 * H100.bf16_flops)
     same = joules_per_token(gpu_decode(LLAMA3_8B, faster, 2048), faster)
     assert same == pytest.approx(H100.power_w * nbytes / H100.hbm_bytes_per_s)
     # a compute-bound prefill: power x FLOPs per prompt token / peak
     gp = gpu_prefill(LLAMA3_8B, H100, 2048)
-    flops = 2 * LLAMA3_8B.params + 4 * LLAMA3_8B.n_layer * LLAMA3_8B.d_model * 2048
+    flops = 2 * params(LLAMA3_8B) + 4 * LLAMA3_8B.n_layer * LLAMA3_8B.n_embd * 2048
     assert joules_per_token(gp, H100) == pytest.approx(H100.power_w * flops / H100.bf16_flops)
     assert joules_per_token(gp, H100) < joules_per_token(g, H100)
 

@@ -97,7 +97,7 @@ def test_dense_default_is_unchanged_and_moe_loss_adds_the_weighted_aux():
     assert model.moe_aux_loss().item() == pytest.approx(aux.item())
     with pytest.raises(ValueError, match="n_expert=0"):
         GPT(small(n_expert=0)).moe_aux_loss()
-    with pytest.raises(ValueError, match="no GPT-2 equivalent"):
+    with pytest.raises(ValueError, match="n_expert=4: a mixture of experts has no Hugging Face equivalent"):
         model.to_hf()
 
 

@@ -205,7 +205,7 @@ def test_mup_bad_input():
         _tiny(mup_output_mult=2.0)
     with pytest.raises(ValueError, match="mup_input_mult=-1"):
         _tiny(mup_base_width=32, mup_input_mult=-1)
-    with pytest.raises(ValueError, match="no GPT-2 equivalent"):
+    with pytest.raises(ValueError, match="a muP model has no Hugging Face equivalent"):
         GPT(_tiny(mup_base_width=16)).to_hf()
     with pytest.raises(ValueError, match="widths=\\[30\\]"):
         coordinate_check(_tiny(), [30], torch.arange(40))

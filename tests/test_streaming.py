@@ -3,13 +3,13 @@
 import math
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minigpt.model import GPTConfig
+from minigpt.model import GPT, LLAMA_STYLE, GPTConfig
 from minigpt.scaling import CEREBRAS_GPT
 from wafer.hardware import H100, WSE2, Cluster
-from wafer.shape import Shape
 from wafer.stages import pipeline_stages
 from wafer.streaming import (
     CEREBRAS_GPT_RUNS,
@@ -101,14 +101,17 @@ def test_the_estimators_count_the_workloads_flops():
     assert days * 86400 * 8 * H100.peak_flops() * 0.4 == pytest.approx(flops, rel=1e-12)
 
 
-def test_a_shape_streams_as_its_config_does():
+def test_a_model_and_its_workload_stream_as_its_config_does():
     config = CONFIG["111M"]
-    shape = Shape.from_config(config)
+    with torch.device("meta"):  # shapes only: no memory for the weights
+        model = GPT(config)
     a = weight_streaming(config, Cluster(WSE2, 1), 120, 2048)
-    b = weight_streaming(shape, Cluster(WSE2, 1), 120, 2048)
-    assert (a.step, a.micro_batch, a.sram_bytes) == (b.step, b.micro_batch, b.sram_bytes)
-    # a LLaMA-like shape: no position table, so the embedding streams only the token rows it reads
-    llama = Shape("small", n_layer=4, d_model=512, n_head=8, n_kv_head=2, d_ffn=1536, vocab=32000)
+    for other in (model, gpt_workload(config, 2048)):
+        b = weight_streaming(other, Cluster(WSE2, 1), 120, 2048)
+        assert (a.step, a.micro_batch, a.sram_bytes) == (b.step, b.micro_batch, b.sram_bytes)
+    # a LLaMA-like config: no position table, so the embedding streams only the token rows it reads
+    llama = GPTConfig(**LLAMA_STYLE, n_layer=4, n_embd=512, n_head=8, n_kv_head=2, mlp_hidden=1536,
+                      vocab_size=32000, block_size=1024)
     s = weight_streaming(llama, Cluster(WSE2, 1), 8, 1024, micro_batch=1)
     assert s.stages == ["embed", "h0", "h1", "h2", "h3", "head"]
     assert s.forward[0] == 1024 * 512 * 2 / (WSE2.io_bits_per_s / 8)  # 1,024 rows of 512, 16-bit

@@ -6,8 +6,9 @@ The machines and what runs on them:
   dtype policy (chapter 09);
 - ``target``: ``Target``, a wafer with the mode, context length and number format a model runs at
   (chapter 11);
-- ``shape``: ``Shape``, a decoder-only transformer's shape (GPT-2 and the LLaMA/Qwen2 family), with the
-  one adapter from a minigpt or Hugging Face GPT-2 config (chapters 09, 13);
+- ``shape``: a model as the wafer reads it, a minigpt ``GPTConfig`` (GPT-2 and the LLaMA/Qwen2/Qwen3
+  family), with the one adapter from a minigpt GPT or a Hugging Face GPT-2, the parameter accounting,
+  and four open models' configs (chapters 09, 13);
 - ``workload``: a model as ops with FLOPs, weights and activations per token (chapter 09);
 - ``stages``: the pipeline stages of a workload, their SRAM on a target, and whether a model fits
   (chapter 11).

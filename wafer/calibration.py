@@ -32,7 +32,7 @@ from wafer.hardware import A100, KERNEL_DTYPE, MODEL_DTYPE, WSE1, WSE2
 from wafer.mesh import Mesh
 from wafer.optimize import optimize
 from wafer.placement import evaluate
-from wafer.shape import LLAMA2_13B, LLAMA3_8B, QWEN2_72B, Shape
+from wafer.shape import LLAMA2_13B, LLAMA3_8B, QWEN2_72B, label
 from wafer.stages import pipeline_stages
 from wafer.strategies import flop_proportional
 from wafer.target import Target
@@ -174,12 +174,12 @@ def points(costs: kernels.PECosts = kernels.WSE2_COSTS, simulate: bool = True) -
                      "Luczynski et al. 2024 (HPDC)", model, model, sim,
                      "validates", "wafer timing"))
     # Decode rates.
-    for shape, side, wafers, published, note in ((LLAMA3_8B, 360, 1, 2700.0, "the paper's region"),
-                                                 (QWEN2_72B, 300, 7, 840.0, "assumed")):
+    for config, side, wafers, published, note in ((LLAMA3_8B, 360, 1, 2700.0, "the paper's region"),
+                                                  (QWEN2_72B, 300, 7, 840.0, "assumed")):
         t = Target(WSE2, context=DECODE_CONTEXT)
-        d = kernels.decode(shape, t, side, costs, wafers=wafers)
-        di = kernels.decode(shape, t, side, ideal, wafers=wafers)
-        out.append(Point(f"decode, {shape.name}",
+        d = kernels.decode(config, t, side, costs, wafers=wafers)
+        di = kernels.decode(config, t, side, ideal, wafers=wafers)
+        out.append(Point(f"decode, {label(config)}",
                          f"WSE-2, {side} x {side} regions ({note}), {wafers} wafer(s), "
                          f"{DECODE_CONTEXT} cached",
                          "tokens/s", published, waferllm, d.tokens_per_s,
@@ -188,14 +188,15 @@ def points(costs: kernels.PECosts = kernels.WSE2_COSTS, simulate: bool = True) -
     # absolute capacities, at the layers per region that reproduce them (the paper does not state its
     # layout: 6 and 9 layers per region need 6 and 5 squares, and a WSE-2 holds 4).
     kv_published = ((LLAMA3_8B, 360, 6, 382, 137_548), (LLAMA2_13B, 375, 9, 16, 6_168))
-    for shape, side, layers, concat, shift in kv_published:
-        lay = inference.layout(shape, WSE2, side, layers_per_region=layers)
+    for config, side, layers, concat, shift in kv_published:
+        lay = inference.layout(config, WSE2, side, layers_per_region=layers)
         r = lay.shift_tokens / lay.concat_tokens
-        out.append(Point(f"KV shift / concatenation, {shape.name}", f"{side} x {side} regions", "x",
+        out.append(Point(f"KV shift / concatenation, {label(config)}", f"{side} x {side} regions", "x",
                          shift / concat, waferllm, r, r, None, "validates", "wafer capacity"))
-        out.append(Point(f"KV capacity, concatenation, {shape.name}", f"{side} x {side}, {layers} layers per "
-                         f"region ({lay.regions} squares)", "tokens", concat, waferllm, lay.concat_tokens,
-                         lay.concat_tokens, None, "setup fitted", "wafer capacity"))
+        out.append(Point(f"KV capacity, concatenation, {label(config)}",
+                         f"{side} x {side}, {layers} layers per region ({lay.regions} squares)", "tokens",
+                         concat, waferllm, lay.concat_tokens, lay.concat_tokens, None, "setup fitted",
+                         "wafer capacity"))
     # Cerebras-GPT's training FLOPs, counted from the model by chapter 06's formula (the products,
     # attention and the head; no embedding or softmax convention), against the Model Zoo's four-digit
     # figures (chapter 12 traces them).
@@ -247,8 +248,7 @@ def reconcile_gpt2_small(sides: tuple[int, ...] = (60, 90, 120, 180, 240, 360)) 
     out.append(Reading("10", "the same, latency", MODEL_DTYPE, rects, "spread over each layer's rectangle",
                        "one token alone, 2048 cached", 1 / ev.latency_s))
     target = Target(WSE2, context=2048)
-    shape = Shape.from_config(gpt2)
-    rates = {p: inference.decode(shape, target, p).tokens_per_s for p in sides}
+    rates = {p: inference.decode(gpt2, target, p).tokens_per_s for p in sides}
     best = max(rates, key=lambda p: rates[p])
     square = f"each layer on its own {best} x {best} square (the best side)"
     spread = "spread over the square (attention as two GEMVs)"

@@ -135,7 +135,10 @@ class Emulator:
     """
 
     def __init__(self, model, placement: Placement | None = None, wafer: Wafer = TOY, levels: int = 2):
+        from minigpt.model import require_gpt2  # minigpt never imports wafer
+
         cfg = model.config
+        require_gpt2(cfg, "the emulator")
         if cfg.mup:
             raise ValueError(f"the emulator runs GPT-2's standard parametrisation; this model uses muP "
                              f"(mup_base_width={cfg.mup_base_width})")

@@ -3,9 +3,9 @@
 It holds :func:`layout` (a :class:`Layout`: the layers on P x P regions, the KV cache's capacity) and
 :func:`min_wafers`; :func:`decode` (a :class:`Decode`) and :func:`prefill` (a :class:`Prefill`) on a
 :class:`~wafer.target.Target`, whose context is the cached tokens or the prompt; and their GPU
-rooflines, :func:`gpu_decode` and :func:`gpu_prefill` (a :class:`GpuRoofline`). The shapes of four
-open models are in :mod:`wafer.shape`; every function also takes what
-:meth:`~wafer.shape.Shape.from_config` reads. The wafer defaults to
+rooflines, :func:`gpu_decode` and :func:`gpu_prefill` (a :class:`GpuRoofline`). A model is a minigpt
+``GPTConfig``, or anything :func:`wafer.shape.as_config` reads; four open models' configs are in
+:mod:`wafer.shape`. The wafer defaults to
 :data:`wafer.hardware.MODEL_DTYPE` (16-bit), a GPU to :data:`wafer.hardware.GPU_DTYPE`.
 
 A model too large for one region is spread over several P x P regions, each holding a run of
@@ -21,8 +21,9 @@ layer's matrix products run on the whole P x P grid with chapter 10's algorithms
   the 2-hop interleaved ring (:func:`wafer.cost.gemm_cycles`); attention is two GEMMs per layer
   (n x d by d x n, and back).
 
-The KV cache of a layer lives in its region: K and V are (tokens x d_kv), the d_kv columns split over
-the P columns of PEs (ceil(d_kv / P) values each). Where the tokens go is the layout:
+The KV cache of a layer lives in its region: K and V are (tokens x d_kv), d_kv being the key-value
+heads times the head size (:func:`wafer.shape.kv_width`), the d_kv columns split over the P columns of
+PEs (ceil(d_kv / P) values each). Where the tokens go is the layout:
 
 - **concatenation**: each new token's K and V are appended in the same row of PEs, so the cache can
   only grow until that row's free SRAM is full;
@@ -47,7 +48,17 @@ from dataclasses import dataclass
 
 from wafer.cost import Roofline, allreduce_cycles, gemm_cycles, gemv_cycles, roofline
 from wafer.hardware import GPU, GPU_DTYPE, MODEL_DTYPE, Wafer, dtype_bytes, positive_int
-from wafer.shape import Shape
+from wafer.shape import (
+    GPTConfig,
+    as_config,
+    kv_bytes_per_token,
+    kv_width,
+    label,
+    layer_params,
+    params,
+    products,
+    q_width,
+)
 from wafer.streaming import SWARMX_LEVEL_S
 from wafer.target import Target
 
@@ -69,15 +80,16 @@ class Layout:
     shift_tokens: int  # KV capacity, shift-based
 
 
-def layout(shape: Shape, wafer: Wafer, side: int, dtype: str = MODEL_DTYPE,
+def layout(config: GPTConfig, wafer: Wafer, side: int, dtype: str = MODEL_DTYPE,
            layers_per_region: int | None = None, wafers: int = 1) -> Layout:
-    """Place ``shape``'s layers on ``side`` x ``side`` regions of ``wafers`` wafers: by default as many
-    regions as the grids hold as squares, the layers shared out evenly; or ``layers_per_region`` each,
-    as long as the grids have that many regions' worth of PEs. Raises if the layers do not fit.
+    """Place the layers of ``config``'s model on ``side`` x ``side`` regions of ``wafers`` wafers: by
+    default as many regions as the grids hold as squares, the layers shared out evenly; or
+    ``layers_per_region`` each, as long as the grids have that many regions' worth of PEs. Raises if the
+    layers do not fit.
 
     Built in: 13_inference
     """
-    shape = Shape.from_config(shape)
+    config = as_config(config)
     if not isinstance(side, int) or side < 1 or side > min(wafer.width, wafer.height):
         raise ValueError(f"side={side!r} must be an integer in [1, {min(wafer.width, wafer.height)}] for the "
                          f"{wafer.width} x {wafer.height} {wafer.name} grid")
@@ -86,36 +98,38 @@ def layout(shape: Shape, wafer: Wafer, side: int, dtype: str = MODEL_DTYPE,
     pes = side * side
     squares = wafers * (wafer.width // side) * (wafer.height // side)
     if layers_per_region is None:
-        layers_per_region = math.ceil(shape.n_layer / squares)
-    elif shape.n_layer / positive_int("layers_per_region", layers_per_region) * pes > wafers * wafer.pes:
-        raise ValueError(f"{shape.n_layer} layers at {layers_per_region} per region of {side} x {side} need "
-                         f"{shape.n_layer / layers_per_region * pes:,.0f} PEs; the {wafer.name} grid has "
+        layers_per_region = math.ceil(config.n_layer / squares)
+    elif config.n_layer / positive_int("layers_per_region", layers_per_region) * pes > wafers * wafer.pes:
+        raise ValueError(f"{config.n_layer} layers at {layers_per_region} per region of {side} x {side} need "
+                         f"{config.n_layer / layers_per_region * pes:,.0f} PEs; the {wafer.name} grid has "
                          f"{wafers * wafer.pes:,}")
-    weights = math.ceil(layers_per_region * shape.layer_params * b / pes)
+    weights = math.ceil(layers_per_region * layer_params(config) * b / pes)
     free = wafer.sram_bytes_per_pe - weights
     if free <= 0:
-        raise ValueError(f"{shape.name} does not fit in {side} x {side} regions on {wafers} {wafer.name}: "
+        raise ValueError(f"{label(config)} does not fit in {side} x {side} regions on {wafers} {wafer.name}: "
                          f"{layers_per_region} layer(s) per region need {weights:,} bytes of weights per PE, "
                          f"and a PE has {wafer.sram_bytes_per_pe:,}")
-    kv = layers_per_region * 2 * math.ceil(shape.d_kv / side) * b
+    kv = layers_per_region * 2 * math.ceil(kv_width(config) / side) * b
     concat = free // kv
-    return Layout(side=side, regions=math.ceil(shape.n_layer / layers_per_region),
+    return Layout(side=side, regions=math.ceil(config.n_layer / layers_per_region),
                   layers_per_region=layers_per_region, weight_bytes_per_pe=weights, free_bytes_per_pe=free,
                   kv_bytes_per_token_per_pe=kv, concat_tokens=concat, shift_tokens=concat * side)
 
 
-def min_wafers(shape: Shape, wafer: Wafer, side: int, dtype: str = MODEL_DTYPE, most: int = 64) -> int:
-    """The fewest wafers whose ``side`` x ``side`` regions hold ``shape`` (layer-pipelined across them).
+def min_wafers(config: GPTConfig, wafer: Wafer, side: int, dtype: str = MODEL_DTYPE, most: int = 64) -> int:
+    """The fewest wafers whose ``side`` x ``side`` regions hold ``config``'s model (layer-pipelined
+    across them).
 
     Built in: 13_inference
     """
+    config = as_config(config)
     for n in range(1, most + 1):
         try:
-            layout(shape, wafer, side, dtype, wafers=n)
+            layout(config, wafer, side, dtype, wafers=n)
             return n
         except ValueError:
             continue
-    raise ValueError(f"{shape.name} does not fit on {most} {wafer.name} wafers in {side} x {side} regions")
+    raise ValueError(f"{label(config)} does not fit on {most} {wafer.name} wafers in {side} x {side} regions")
 
 
 def _check_inference(target: Target) -> None:
@@ -139,7 +153,7 @@ class Decode:
     tokens_per_s: float
 
 
-def decode(shape: Shape, target: Target, side: int, levels: int = 2, wafers: int = 1) -> Decode:
+def decode(config: GPTConfig, target: Target, side: int, levels: int = 2, wafers: int = 1) -> Decode:
     """One decode step (one new token of one sequence, ``target.context`` tokens cached, in
     ``target.dtype``) with every layer on a ``side`` x ``side`` region of ``target.wafer``: the products
     as GEMVs, attention as two GEMV-shaped products, the norms and softmax as allreduces of one value,
@@ -149,22 +163,22 @@ def decode(shape: Shape, target: Target, side: int, levels: int = 2, wafers: int
     Built in: 13_inference
     """
     _check_inference(target)
-    shape = Shape.from_config(shape)
+    config = as_config(config)
     wafer, context, dtype = target.wafer, target.context, target.dtype
-    layout(shape, wafer, side, dtype, wafers=wafers)  # raises if the layers do not fit
+    layout(config, wafer, side, dtype, wafers=wafers)  # raises if the layers do not fit
     grid = (side, side)
-    d = shape.d_model
-    weights = sum(gemv_cycles(wafer, m, n, grid, levels, dtype).total for _, m, n in shape.products())
-    attention = (gemv_cycles(wafer, context, d, grid, levels, dtype).total  # scores
-                 + gemv_cycles(wafer, d, context, grid, levels, dtype).total)  # the weighted sum of V
+    d, q, n_layer = config.n_embd, q_width(config), config.n_layer
+    weights = sum(gemv_cycles(wafer, m, n, grid, levels, dtype).total for _, m, n in products(config))
+    attention = (gemv_cycles(wafer, context, q, grid, levels, dtype).total  # scores
+                 + gemv_cycles(wafer, q, context, grid, levels, dtype).total)  # the weighted sum of V
     small = 3 * allreduce_cycles(wafer, side, 1, levels)  # two norms, one softmax
-    head = gemv_cycles(wafer, shape.vocab, d, grid, levels, dtype).total
-    cycles = shape.n_layer * (weights + attention + small) + head
+    head = gemv_cycles(wafer, config.vocab_size, d, grid, levels, dtype).total
+    cycles = n_layer * (weights + attention + small) + head
     between = (wafers - 1) * (SWARMX_LEVEL_S + d * dtype_bytes(dtype) * 8 / wafer.io_bits_per_s)
     seconds = cycles / wafer.clock_hz + between
-    return Decode(weights_s=shape.n_layer * weights / wafer.clock_hz,
-                  attention_s=shape.n_layer * attention / wafer.clock_hz,
-                  allreduce_s=shape.n_layer * small / wafer.clock_hz, head_s=head / wafer.clock_hz,
+    return Decode(weights_s=n_layer * weights / wafer.clock_hz,
+                  attention_s=n_layer * attention / wafer.clock_hz,
+                  allreduce_s=n_layer * small / wafer.clock_hz, head_s=head / wafer.clock_hz,
                   between_wafers_s=between, seconds=seconds, tokens_per_s=1 / seconds)
 
 
@@ -179,7 +193,8 @@ class Prefill:
     tokens_per_s: float
 
 
-def prefill(shape: Shape, target: Target, side: int, method: str = "interleave", wafers: int = 1) -> Prefill:
+def prefill(config: GPTConfig, target: Target, side: int, method: str = "interleave", wafers: int = 1
+            ) -> Prefill:
     """Prefill of a prompt of ``target.context`` tokens with every layer on a ``side`` x ``side``
     region: each product a GEMM (prompt x inputs by inputs x outputs), attention two GEMMs, the head
     one product for the last token only.
@@ -187,18 +202,18 @@ def prefill(shape: Shape, target: Target, side: int, method: str = "interleave",
     Built in: 13_inference
     """
     _check_inference(target)
-    shape = Shape.from_config(shape)
+    config = as_config(config)
     wafer, prompt, dtype = target.wafer, target.context, target.dtype
-    layout(shape, wafer, side, dtype, wafers=wafers)  # raises if the layers do not fit
-    d = shape.d_model
+    layout(config, wafer, side, dtype, wafers=wafers)  # raises if the layers do not fit
+    d, q = config.n_embd, q_width(config)
 
     def gemm(m, k, n):  # the lockstep bound: within a cycle of Cannon's dataflow on the interleaved ring
         return gemm_cycles(wafer, m, k, n, side, method, dtype, dataflow=False).total
 
-    products = sum(gemm(prompt, n, m) for _, m, n in shape.products())
-    attention = gemm(prompt, d, prompt) + gemm(prompt, prompt, d)
-    head = gemv_cycles(wafer, shape.vocab, d, (side, side), 2, dtype).total
-    cycles = shape.n_layer * (products + attention) + head
+    matrices = sum(gemm(prompt, n, m) for _, m, n in products(config))
+    attention = gemm(prompt, q, prompt) + gemm(prompt, prompt, q)
+    head = gemv_cycles(wafer, config.vocab_size, d, (side, side), 2, dtype).total
+    cycles = config.n_layer * (matrices + attention) + head
     between = (wafers - 1) * (SWARMX_LEVEL_S + prompt * d * dtype_bytes(dtype) * 8 / wafer.io_bits_per_s)
     seconds = cycles / wafer.clock_hz + between
     return Prefill(seconds=seconds, tokens_per_s=prompt / seconds)
@@ -215,32 +230,32 @@ class GpuRoofline(Roofline):
     tokens_per_s: float
 
 
-def gpu_decode(shape: Shape, gpu: GPU, context: int, dtype: str = GPU_DTYPE) -> GpuRoofline:
+def gpu_decode(config: GPTConfig, gpu: GPU, context: int, dtype: str = GPU_DTYPE) -> GpuRoofline:
     """One decode step on one GPU by the roofline, ``context`` tokens cached: every weight and the
     cache read from HBM once, 2 FLOPs per weight and 4 per cached K or V value per query head group.
 
     Built in: 13_inference
     """
     positive_int("context", context)
-    shape = Shape.from_config(shape)
-    b = dtype_bytes(dtype)
-    nbytes = shape.params * b + context * shape.kv_bytes_per_token(dtype)
-    flops = 2 * shape.params + 4 * shape.n_layer * shape.d_model * context
+    config = as_config(config)
+    b, n = dtype_bytes(dtype), params(config)
+    nbytes = n * b + context * kv_bytes_per_token(config, dtype)
+    flops = 2 * n + 4 * config.n_layer * q_width(config) * context
     r = roofline(flops, nbytes, gpu.peak_flops(dtype), gpu.hbm_bytes_per_s)
     return GpuRoofline(**dataclasses.asdict(r), tokens_per_s=1 / r.seconds)
 
 
-def gpu_prefill(shape: Shape, gpu: GPU, prompt: int, dtype: str = GPU_DTYPE) -> GpuRoofline:
+def gpu_prefill(config: GPTConfig, gpu: GPU, prompt: int, dtype: str = GPU_DTYPE) -> GpuRoofline:
     """Prefill of ``prompt`` tokens on one GPU by the roofline: 2 FLOPs per weight per token and the
     attention's 4 d n^2 per layer, the weights read once.
 
     Built in: 13_inference
     """
     positive_int("prompt", prompt)
-    shape = Shape.from_config(shape)
-    b = dtype_bytes(dtype)
-    flops = 2 * shape.params * prompt + 4 * shape.n_layer * shape.d_model * prompt * prompt
-    r = roofline(flops, shape.params * b, gpu.peak_flops(dtype), gpu.hbm_bytes_per_s)
+    config = as_config(config)
+    b, n = dtype_bytes(dtype), params(config)
+    flops = 2 * n * prompt + 4 * config.n_layer * q_width(config) * prompt * prompt
+    r = roofline(flops, n * b, gpu.peak_flops(dtype), gpu.hbm_bytes_per_s)
     return GpuRoofline(**dataclasses.asdict(r), tokens_per_s=prompt / r.seconds)
 
 

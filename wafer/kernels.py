@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from wafer import inference
 from wafer.cost import allreduce_cycles, gemm_cycles, wavelets
 from wafer.hardware import WSE2, Wafer, dtype_bytes, positive_int
-from wafer.shape import Shape
+from wafer.shape import GPTConfig, as_config, products, q_width
 from wafer.target import Target
 
 
@@ -273,7 +273,7 @@ class DecodeKernel:
     tokens_per_s: float
 
 
-def decode(shape: Shape, target: Target, side: int, costs: PECosts = WSE2_COSTS, levels: int = 2,
+def decode(config: GPTConfig, target: Target, side: int, costs: PECosts = WSE2_COSTS, levels: int = 2,
            wafers: int = 1) -> DecodeKernel:
     """One decode step as :func:`wafer.inference.decode` computes it, plus what the PE's instructions
     add: each GEMV's product done as one instruction per column of the PE's block (a start-up each, and
@@ -282,24 +282,24 @@ def decode(shape: Shape, target: Target, side: int, costs: PECosts = WSE2_COSTS,
 
     Built in: 15_calibration
     """
-    shape = Shape.from_config(shape)
+    config = as_config(config)
     wafer, dtype = target.wafer, target.dtype
-    base = inference.decode(shape, target, side, levels, wafers)
-    d = shape.d_model
+    base = inference.decode(config, target, side, levels, wafers)
+    d, q = config.n_embd, q_width(config)
 
     def product_extra(m: int, n: int) -> float:  # instructions beyond the peak's ceil(bm bn / simd)
         bm, bn = math.ceil(m / side), math.ceil(n / side)
         peak = math.ceil(bm * bn / wafer.fmacs_per_cycle(dtype))
         return bn * instruction_cycles(bm, wafer, costs, dtype) - peak
 
-    per_layer = sum(product_extra(m, n) for _, m, n in shape.products())
-    per_layer += product_extra(target.context, d) + product_extra(d, target.context)  # attention
-    piece = {"d": math.ceil(d / side), "d/2": math.ceil(d / side / 2), "ffn": math.ceil(shape.d_ffn / side),
-             "context": math.ceil(target.context / side)}
+    per_layer = sum(product_extra(m, n) for _, m, n in products(config))
+    per_layer += product_extra(target.context, q) + product_extra(q, target.context)  # attention
+    piece = {"d": math.ceil(d / side), "d/2": math.ceil(d / side / 2),
+             "ffn": math.ceil(config.ffn_hidden / side), "context": math.ceil(target.context / side)}
     vector = sum(k * instruction_cycles(piece[over], wafer, costs, dtype, reads, writes)
                  for _, k, over, reads, writes in LAYER_VECTOR_OPS)
-    products_s = (shape.n_layer * per_layer + product_extra(shape.vocab, d)) / wafer.clock_hz
-    vector_s = shape.n_layer * vector / wafer.clock_hz
+    products_s = (config.n_layer * per_layer + product_extra(config.vocab_size, d)) / wafer.clock_hz
+    vector_s = config.n_layer * vector / wafer.clock_hz
     seconds = base.seconds + products_s + vector_s
     return DecodeKernel(analytic_s=base.seconds, products_s=products_s, vector_ops_s=vector_s,
                         seconds=seconds, tokens_per_s=1 / seconds)
@@ -319,7 +319,7 @@ def with_reserve(wafer: Wafer, costs: PECosts = WSE2_COSTS) -> Wafer:
 
 
 
-def prefill(shape: Shape, target: Target, side: int, costs: PECosts = WSE2_COSTS, along: str = "m"
+def prefill(config: GPTConfig, target: Target, side: int, costs: PECosts = WSE2_COSTS, along: str = "m"
             ) -> KernelCycles:
     """A prompt's prefill (``target.context`` tokens) with every layer on a ``side`` x ``side`` region:
     each product and attention's two products as :func:`cannon_gemm` with the PE's instructions, run
@@ -331,15 +331,15 @@ def prefill(shape: Shape, target: Target, side: int, costs: PECosts = WSE2_COSTS
     """
     if along not in ("m", "n", "best"):
         raise ValueError(f"along={along!r} is not one of ('m', 'n', 'best')")
-    shape = Shape.from_config(shape)
+    config = as_config(config)
     wafer, n, dtype = target.wafer, target.context, target.dtype
-    inference.layout(shape, wafer, side, dtype)  # raises if the layers do not fit
-    d = shape.d_model
-    sizes = [(n, k, m) for _, m, k in shape.products()] + [(n, d, n), (n, n, d)]  # + scores, weighted sum
+    inference.layout(config, wafer, side, dtype)  # raises if the layers do not fit
+    q = q_width(config)
+    sizes = [(n, k, m) for _, m, k in products(config)] + [(n, q, n), (n, n, q)]  # + scores, weighted sum
     ways = ("m", "n") if along == "best" else (along,)
     gemms = [min((cannon_gemm(wafer, *size, side, costs, dtype, way) for way in ways), key=lambda g: g.total)
              for size in sizes]
-    compute = shape.n_layer * sum(g.compute for g in gemms)
-    comm = shape.n_layer * sum(g.communicate for g in gemms)
+    compute = config.n_layer * sum(g.compute for g in gemms)
+    comm = config.n_layer * sum(g.communicate for g in gemms)
     return KernelCycles(compute=compute, communicate=comm, total=compute + comm,
-                        flops=shape.n_layer * sum(g.flops for g in gemms))
+                        flops=config.n_layer * sum(g.flops for g in gemms))

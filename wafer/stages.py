@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 from wafer.hardware import dtype_bytes
+from wafer.shape import kv_width
 from wafer.target import Mode, Target, check_mode
 from wafer.workload import Workload
 
@@ -57,7 +58,7 @@ def pipeline_stages(workload: Workload) -> list[Stage]:
             params=sum(op.weight_params + op.reads_params for op in ops),
             act_elems=sum(op.activation_elems for op in ops),
             out_elems=0 if name == "head" else c,
-            kv_elems=2 * workload.shape.d_kv if name.startswith("h") else 0,  # K and V, grouped-query
+            kv_elems=2 * kv_width(workload.config) if name.startswith("h") else 0,  # K and V, grouped-query
             matmul_in=sum(op.inputs for op in ops),
             matmul_out=sum(op.activation_elems for op in ops if op.kind == "matmul"),
             products=sum(op.kind == "matmul" for op in ops),

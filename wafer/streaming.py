@@ -4,8 +4,8 @@ It holds SwarmX's tree (:func:`swarmx_levels`, :func:`swarmx_seconds`), one trai
 (:func:`weight_streaming`, a :class:`StreamingStep`; :func:`timeline` draws it, :func:`max_micro_batch`
 is its SRAM cap), the days to train (:func:`training_time`, a :class:`TrainingTime`, and
 :func:`gpu_training_days` for GPUs), Cerebras-GPT's runs (:data:`CEREBRAS_GPT_RUNS`, each phase a
-:class:`Run`) and the assumed constants. A model is a :class:`~wafer.shape.Shape`, anything
-``Shape.from_config`` reads, or a workload; weights and activations default to
+:class:`Run`) and the assumed constants. A model is a minigpt ``GPTConfig`` (or anything
+:func:`wafer.shape.as_config` reads) or a workload; weights and activations default to
 :data:`wafer.hardware.MODEL_DTYPE`.
 
 When a model's weights no longer fit in the wafer's SRAM (chapter 11), they live off the wafer in
@@ -155,7 +155,7 @@ class StreamingStep:
 
 
 def _workload(model, context: int | None, dtype: str = MODEL_DTYPE) -> Workload:
-    """``model`` if it is a workload, else its workload (a Shape, or what ``Shape.from_config`` reads)."""
+    """``model`` if it is a workload, else its workload (a GPTConfig, or what ``as_config`` reads)."""
     return model if isinstance(model, Workload) else gpt_workload(model, context=context, dtype=dtype)
 
 
@@ -205,10 +205,9 @@ def weight_streaming(model, cluster: Cluster, batch: int, context: int | None = 
                      micro_batch: int | None = None, recompute: bool = True, dtype: str = MODEL_DTYPE,
                      level_s: float = SWARMX_LEVEL_S, update_bytes_per_s: float = UPDATE_BYTES_PER_S,
                      ) -> StreamingStep:
-    """A training step of ``batch`` sequences (the global batch) of ``model`` (a
-    :class:`~wafer.shape.Shape`, a GPTConfig, a GPT, or a workload) on ``cluster``, weight-streamed;
-    ``micro_batch`` sequences per system at a time (by default the largest that fits in the wafer's
-    SRAM, dividing the batch per system).
+    """A training step of ``batch`` sequences (the global batch) of ``model`` (a GPTConfig, a GPT, or a
+    workload) on ``cluster``, weight-streamed; ``micro_batch`` sequences per system at a time (by
+    default the largest that fits in the wafer's SRAM, dividing the batch per system).
 
     Built in: 12_streaming
     """
@@ -239,7 +238,8 @@ def weight_streaming(model, cluster: Cluster, batch: int, context: int | None = 
     peak = w.peak_flops(dtype, cores=w.pes)
     io = w.io_bits_per_s / 8  # bytes per second, each direction
     streamed = weights.copy()
-    rows = tokens + (context if work.shape.positions else 0)  # the token rows it reads, and the positions'
+    learned = work.config.positions == "learned"
+    rows = tokens + (context if learned else 0)  # the token rows it reads, and the positions'
     streamed[0] = min(weights[0], rows * c * b)
     forward_compute = np.array([s.flops for s in stages]) * tokens / peak
     backward_compute = (3 if recompute else 2) * forward_compute

@@ -1,6 +1,7 @@
 """A transformer as a workload: :class:`Op` (one operation, per token), :class:`Workload` (a model's
-ops at one context length, with its :class:`~wafer.shape.Shape`) and :func:`gpt_workload`, which
-builds them from a shape, a minigpt ``GPTConfig`` or ``GPT``, or a Hugging Face GPT-2.
+ops at one context length, with its ``GPTConfig``) and :func:`gpt_workload`, which builds them from a
+minigpt ``GPTConfig`` or ``GPT``, or a Hugging Face GPT-2 (whatever :func:`wafer.shape.as_config`
+reads).
 
 FLOP conventions (stated once, used everywhere):
 
@@ -21,10 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from wafer.hardware import MODEL_DTYPE, dtype_bytes
-from wafer.shape import Shape
+from wafer.shape import GPTConfig, as_config, kv_width, norm_params, q_width, qkv_biased
 
 # Nominal FLOPs per element of the vector ops (a convention, not a measurement): a norm reads each
-# element for the mean, the variance, the normalisation, the scale and the shift; softmax for the max,
+# element for the mean, the variance, the normalisation, the scale and the shift (RMSNorm, which has
+# no mean or shift, is counted the same); softmax for the max,
 # the exponential, the sum and the division; the tanh GELU for about eight operations; SwiGLU's gate
 # for the sigmoid (an exponential, an add, a division), the product with its input and the product
 # with the other half.
@@ -58,29 +60,29 @@ class Op:
 
 @dataclass
 class Workload:
-    """A model's operations for one token at a given context length, and the shape they came from.
+    """A model's operations for one token at a given context length, and the config they came from.
 
     Built in: 09_wafer
     """
 
     ops: list[Op]
-    shape: Shape
+    config: GPTConfig
     context: int
     dtype: str = MODEL_DTYPE
 
     @property
     def n_layer(self) -> int:
-        return self.shape.n_layer
+        return self.config.n_layer
 
     @property
     def n_embd(self) -> int:
-        """The model's width (``d_model``), under GPT-2's name."""
-        return self.shape.d_model
+        """The model's width."""
+        return self.config.n_embd
 
     @property
     def kv_elems_per_token(self) -> int:
         """K and V entries the cache holds per token, over every layer."""
-        return 2 * self.shape.d_kv * self.shape.n_layer
+        return 2 * kv_width(self.config) * self.config.n_layer
 
     @property
     def bytes_per_elem(self) -> int:
@@ -119,38 +121,44 @@ class Workload:
         return [(op.name, op.kind, op.flops, op.weight_params) for op in self.ops]
 
 
-def _context(shape: Shape, context: int | None) -> int:
-    """The context length: ``context``, at most the rows of a learned position table (the default)."""
-    if context is None and shape.positions:
-        return shape.positions
-    top = shape.positions
-    if isinstance(context, bool) or not isinstance(context, int) or context < 1 or (top and context > top):
-        if top:
-            raise ValueError(f"context={context!r} must be an integer in [1, {top}] (the block size)")
-        raise ValueError(f"context={context!r} must be a positive integer ({shape.name} has no learned "
-                         f"position table to take a default from)")
+def _context(config: GPTConfig, context: int | None) -> int:
+    """The context length: ``context``, at most the block size (the default), as minigpt's model takes
+    no longer sequence whatever its positions."""
+    top = config.block_size
+    if context is None:
+        return top
+    if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= top:
+        raise ValueError(f"context={context!r} must be an integer in [1, {top}] (the block size)")
     return context
 
 
-def _block(shape: Shape, i: int, t: int) -> list[Op]:
+def _block(config: GPTConfig, i: int, t: int) -> list[Op]:
     """Block ``i``'s ops at context ``t``: norm, attention, residual, norm, MLP, residual."""
-    c, b, vf = shape.d_model, int(shape.bias), VECTOR_FLOPS_PER_ELEMENT
-    qkv = c + 2 * shape.d_kv  # the queries, and the keys and values of the key-value heads
-    mlp_in = (2 if shape.gated else 1) * shape.d_ffn  # a gated MLP's two halves are one product
-    f, p = shape.d_ffn, f"h{i}."
-    if shape.gated:  # the gate's activation times the other half
+    c, b, vf = config.n_embd, int(config.bias), VECTOR_FLOPS_PER_ELEMENT
+    q, kv, heads = q_width(config), kv_width(config), config.n_head
+    qkv = q + 2 * kv  # the queries, and the keys and values of the key-value heads
+    gated = config.mlp == "swiglu"
+    f, p = config.ffn_hidden, f"h{i}."
+    mlp_in = (2 if gated else 1) * f  # a gated MLP's two halves are one product
+    if gated:  # the gate's activation times the other half
         act = Op(p + "mlp.swiglu", i, "vector", vf["swiglu"] * f, 0, f)
     else:
         act = Op(p + "mlp.gelu", i, "vector", vf["gelu"] * f, 0, f)
-    return [
-        Op(p + "ln_1", i, "vector", vf["layernorm"] * c, shape.norm_params, c),
-        Op(p + "attn.c_attn", i, "matmul", 2 * c * qkv, qkv * c + b * qkv, qkv),
-        Op(p + "attn.scores", i, "attention", 2 * t * c, 0, shape.n_head * t),  # q.k^T, all heads
-        Op(p + "attn.softmax", i, "vector", vf["softmax"] * shape.n_head * t, 0, shape.n_head * t),
-        Op(p + "attn.mix", i, "attention", 2 * t * c, 0, c),  # weights times v
-        Op(p + "attn.c_proj", i, "matmul", 2 * c * c, c * c + b * c, c),
+    norm = norm_params(config)
+    attention = [
+        Op(p + "ln_1", i, "vector", vf["layernorm"] * c, norm, c),
+        Op(p + "attn.c_attn", i, "matmul", 2 * c * qkv, qkv * c + int(qkv_biased(config)) * qkv, qkv),
+    ]
+    if config.qk_norm:  # each head's query and key normalised, one scale of head_dim for each
+        attention.append(Op(p + "attn.qk_norm", i, "vector", vf["layernorm"] * (q + kv), 2 * config.head_dim,
+                            q + kv))
+    return attention + [
+        Op(p + "attn.scores", i, "attention", 2 * t * q, 0, heads * t),  # q.k^T, all heads
+        Op(p + "attn.softmax", i, "vector", vf["softmax"] * heads * t, 0, heads * t),
+        Op(p + "attn.mix", i, "attention", 2 * t * q, 0, q),  # weights times v
+        Op(p + "attn.c_proj", i, "matmul", 2 * q * c, q * c + b * c, c),
         Op(p + "resid_1", i, "vector", vf["add"] * c, 0, c),
-        Op(p + "ln_2", i, "vector", vf["layernorm"] * c, shape.norm_params, c),
+        Op(p + "ln_2", i, "vector", vf["layernorm"] * c, norm, c),
         Op(p + "mlp.c_fc", i, "matmul", 2 * c * mlp_in, mlp_in * c + b * mlp_in, mlp_in),
         act,
         Op(p + "mlp.c_proj", i, "matmul", 2 * f * c, f * c + b * c, c),
@@ -158,28 +166,30 @@ def _block(shape: Shape, i: int, t: int) -> list[Op]:
     ]
 
 
-def gpt_workload(model_or_shape, context: int | None = None, dtype: str = MODEL_DTYPE) -> Workload:
+def gpt_workload(model, context: int | None = None, dtype: str = MODEL_DTYPE) -> Workload:
     """A decoder-only transformer's forward pass, op by op, per token at ``context`` tokens (default:
-    the block size, for a shape with learned positions). Accepts a :class:`~wafer.shape.Shape`, or
-    anything :meth:`Shape.from_config` reads (a minigpt ``GPTConfig`` or ``GPT``, a Hugging Face
-    GPT-2). The products follow the shape: grouped-query attention's narrower K and V, a gated MLP's
-    two halves and SwiGLU, biases and norm shifts when ``bias``, a head tied to the token embedding
-    or owning its own matrix.
+    the block size). Accepts a minigpt ``GPTConfig`` or ``GPT``, or a Hugging Face GPT-2 (anything
+    :func:`wafer.shape.as_config` reads). The products follow the config: grouped-query attention's
+    narrower K and V, SwiGLU's two halves as one product and its gate, biases and LayerNorm's shifts
+    when ``bias`` (and on q, k and v when ``qkv_bias``), RMSNorm's scale only, Qwen3's norms on each
+    head's query and key, a learned position table or none, a head tied to the token embedding or
+    owning its own matrix.
 
     Built in: 09_wafer
     """
-    shape = Shape.from_config(model_or_shape)
-    t = _context(shape, context)
-    c, vocab, vf = shape.d_model, shape.vocab, VECTOR_FLOPS_PER_ELEMENT
+    config = as_config(model)
+    t = _context(config, context)
+    c, vocab, vf = config.n_embd, config.vocab_size, VECTOR_FLOPS_PER_ELEMENT
+    norm = norm_params(config)
     ops = [Op("wte", -1, "embedding", 0.0, vocab * c, c)]
-    if shape.positions:
-        ops += [Op("wpe", -1, "embedding", 0.0, shape.positions * c, c),
+    if config.positions == "learned":
+        ops += [Op("wpe", -1, "embedding", 0.0, config.block_size * c, c),
                 Op("embed.add", -1, "vector", vf["add"] * c, 0, c)]
-    for i in range(shape.n_layer):
-        ops += _block(shape, i, t)
-    ops.append(Op("ln_f", shape.n_layer, "vector", vf["layernorm"] * c, shape.norm_params, c))
-    if shape.tied:  # the head is the token embedding, transposed: it reads wte's weights and owns none
-        ops.append(Op("lm_head", shape.n_layer, "matmul", 2 * c * vocab, 0, vocab, reads_params=vocab * c))
+    for i in range(config.n_layer):
+        ops += _block(config, i, t)
+    ops.append(Op("ln_f", config.n_layer, "vector", vf["layernorm"] * c, norm, c))
+    if config.tie_embeddings:  # the head is the token embedding, transposed: reads wte's weights, owns none
+        ops.append(Op("lm_head", config.n_layer, "matmul", 2 * c * vocab, 0, vocab, reads_params=vocab * c))
     else:
-        ops.append(Op("lm_head", shape.n_layer, "matmul", 2 * c * vocab, vocab * c, vocab))
-    return Workload(ops=ops, shape=shape, context=t, dtype=dtype)
+        ops.append(Op("lm_head", config.n_layer, "matmul", 2 * c * vocab, vocab * c, vocab))
+    return Workload(ops=ops, config=config, context=t, dtype=dtype)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from minigpt.attention import causal_mask
-from minigpt.model import GPT, Block
+from minigpt.model import GPT, Block, require_gpt2
 
 Split = Literal["contiguous", "zigzag"]
 SPLITS: tuple[Split, ...] = ("contiguous", "zigzag")
@@ -369,6 +369,7 @@ def context_parallel_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor,
     if not isinstance(model, GPT):
         raise ValueError(f"model must be a minigpt GPT; got {type(model).__name__}")
     config = model.config
+    require_gpt2(config, "context_parallel_loss")
     if config.n_expert or config.mup or config.dropout:
         raise ValueError(f"context_parallel_loss runs a dense GPT in the standard parametrisation without "
                          f"dropout; got n_expert={config.n_expert}, mup_base_width={config.mup_base_width}, "

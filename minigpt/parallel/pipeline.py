@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt.checks import positive_int
-from minigpt.model import GPT, GPTConfig
+from minigpt.model import GPT, GPTConfig, require_gpt2
 from minigpt.parallel.launch import shard_range
 from minigpt.parallel.schedules import SCHEDULES, Event, schedule_order
 
@@ -69,7 +69,7 @@ class _StageBody(nn.Module):
     wte: nn.Embedding  # first stage only
     wpe: nn.Embedding
     drop: nn.Dropout
-    ln_f: nn.LayerNorm  # last stage only
+    ln_f: nn.Module  # last stage only
 
     def __init__(self, gpt: GPT, layers: range, first: bool, last: bool):
         super().__init__()
@@ -102,6 +102,7 @@ class GPTStage(nn.Module):
     def __init__(self, gpt: GPT, stage: int, stages: int):
         super().__init__()
         config = gpt.config
+        require_gpt2(config, "GPTStage")
         if config.n_expert:
             raise ValueError(f"n_expert={config.n_expert}: a mixture of experts adds a load-balancing loss "
                              f"from every block, which these stages do not carry; use n_expert=0")

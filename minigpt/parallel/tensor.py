@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from minigpt.attention import MultiHeadAttention
-from minigpt.model import GPT, MLP, Block, GPTConfig
+from minigpt.model import GPT, MLP, Block, GPTConfig, require_gpt2
 from minigpt.parallel.launch import CollectiveCounter, shard_range
 
 # --- the fused query/key/value matrix -----------------------------------------------------------------
@@ -90,11 +90,13 @@ class LocalHeadsAttention(MultiHeadAttention):
     full_embd: int
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                key_padding_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None = None, cache=None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.full_embd:
             raise ValueError(f"x of shape {tuple(x.shape)} must be (B, T, n_embd={self.full_embd})")
-        if attn_mask is not None or key_padding_mask is not None or cache is not None:
-            raise ValueError("tensor-parallel attention takes no attn_mask, key_padding_mask or cache")
+        if any(a is not None for a in (attn_mask, key_padding_mask, cache, positions)):
+            raise ValueError("tensor-parallel attention takes no attn_mask, key_padding_mask, cache or "
+                             "positions")
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C / tp): this rank's heads
         q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)  # (B, H / tp, T, hd)
         if self.rope is not None:
@@ -221,6 +223,7 @@ def megatron_gpt(model: GPT, rank: int, world: int, group=None) -> GPT:
     Built in: 08_model_parallel
     """
     cfg = model.config
+    require_gpt2(cfg, "megatron_gpt")
     _check_split(cfg.n_head, cfg.n_embd, world)
     for block in cast(list[Block], model.transformer.h):
         attn, mlp = block.attn, cast(MLP, block.mlp)
@@ -323,6 +326,7 @@ def tensor_parallel_gpt(model: GPT, mesh) -> GPT:
     """
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+    require_gpt2(model.config, "tensor_parallel_gpt")
     if mesh.ndim != 1:
         raise ValueError(f"mesh has {mesh.ndim} dimensions; tensor_parallel_gpt takes a 1-D mesh "
                          f"(pass mesh['tp'] of a 2-D mesh, or use dp_tp_gpt)")
