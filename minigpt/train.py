@@ -331,10 +331,10 @@ class Trainer:
         c = self.config
         self.model.train()
         total = torch.zeros((), device=self.device)
+        ddp = self.parallel if isinstance(self.parallel, DistributedDataParallel) else None
         for micro in range(c.grad_accum):
             x, y = self._batch(self.train_data, c.batch_size, self.data_generator)
             self.tokens += x.numel() * self.data_shard[1]
-            ddp = self.parallel if isinstance(self.parallel, DistributedDataParallel) else None
             # all-reduce once per step: no gradient sync on the micro-batches before the last
             with ddp.no_sync() if ddp is not None and micro < c.grad_accum - 1 else contextlib.nullcontext():
                 loss = self._loss(x, y) / c.grad_accum

@@ -25,7 +25,7 @@ MODULES = {"minigpt": ["envcheck", "stories", "entropy", "data", "files", "check
                        "parallel.expert", "parallel.sharded", "parallel.planner"],
            "wafer": ["hardware", "target", "shape", "workload", "stages", "cost", "mesh", "network",
                      "wavelets", "collectives", "viz", "placement", "strategies", "optimize", "placement_sim",
-                     "streaming", "inference", "emulate", "kernels", "calibration", "widgets"]}
+                     "streaming", "inference", "emulate", "phases", "kernels", "calibration", "widgets"]}
 
 
 def chapters() -> list[str]:

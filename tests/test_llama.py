@@ -198,10 +198,10 @@ def test_gpt2_only_code_names_the_option_it_cannot_take():
 
     with pytest.raises(ValueError, match="n_kv_head=2"):
         megatron_gpt(GPT(config), 0, 2)
-    from wafer.emulate import Emulator
+    from minigpt.parallel.pipeline import GPTStage
 
-    with pytest.raises(ValueError, match="the emulator takes GPT-2-style models only"):
-        Emulator(GPT(config))
+    with pytest.raises(ValueError, match="GPTStage takes GPT-2-style models only; this one has n_kv_head=2"):
+        GPTStage(GPT(config), 0, 1)
 
 
 def test_the_two_rope_layouts_are_one_rotation_in_a_reordered_basis():

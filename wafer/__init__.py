@@ -31,7 +31,10 @@ Beyond one wafer's SRAM, and the whole model on the mesh:
 
 - ``streaming``: weight-streamed training over a cluster, and training days (chapter 12);
 - ``inference``: decode and prefill on square regions, the KV cache's layouts, GPU rooflines (chapter 13);
-- ``emulate``: a trained minigpt tiled into a placement and run on the mesh simulator (chapter 14);
+- ``emulate``: a trained minigpt, GPT-2-style or LLaMA-style, tiled into a placement and run on the mesh
+  simulator (chapter 14);
+- ``phases``: the emulator's program phase by phase, each phase's cost model, and ``program``, its
+  cycles on any grid (chapter 14);
 - ``widgets``: the notebooks' interactive placement explorer and training-time estimator (chapters 11-12).
 """
 
