@@ -73,7 +73,7 @@ class GPTConfig:
     head_size: int | None = None  # each head's width; None: n_embd / n_head (Qwen3 sets it apart)
     qkv_bias: bool | None = None  # biases on the queries, keys and values; None: as bias (Qwen2: on)
     qk_norm: bool = False  # RMSNorm on each head's query and key, before RoPE (Qwen3)
-    tie_embeddings: bool = True  # the head reuses the token embedding (GPT-2); LLaMA-2 and up: False
+    tie_embeddings: bool = True  # the head reuses the token embedding (GPT-2); LLaMA: False
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
