@@ -141,6 +141,17 @@ def _prefill(model: GPT, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, -1:]
 
 
+def _choose(logits: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor], stop: torch.Tensor,
+            done: torch.Tensor, pad: int) -> torch.Tensor:
+    """The next token of each row from its last position's logits (B, T, vocab): ``pad`` for a row
+    already stopped; ``done`` (B,) is updated in place for the rows that emit a stop token."""
+    nxt = pick(logits[:, -1, :].float())
+    if stop.numel():
+        nxt = torch.where(done, pad, nxt)
+        done |= torch.isin(nxt, stop)
+    return nxt
+
+
 def _decode(model: GPT, idx: torch.Tensor, max_new_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor],
             stop: torch.Tensor, pad: int, use_cache: bool) -> torch.Tensor:
     """The decoding loop of :func:`generate`: ``idx`` (B, T) followed by up to ``max_new_tokens``
@@ -160,12 +171,7 @@ def _decode(model: GPT, idx: torch.Tensor, max_new_tokens: int, pick: Callable[[
             pending = window  # no cache: every step recomputes the whole window
         elif cache.length + pending.shape[1] > block:
             pending = _prefill(model, cache, window)  # full: recompute the last block_size positions
-        logits, _ = model(pending, kv_cache=cache)
-        nxt = pick(logits[:, -1, :].float())
-        if stop.numel():
-            nxt = torch.where(done, pad, nxt)
-            done |= torch.isin(nxt, stop)
-        out[:, pos] = nxt
+        out[:, pos] = _choose(model(pending, kv_cache=cache)[0], pick, stop, done, pad)
         pending = out[:, pos:pos + 1]
         if stop.numel() and done.all():  # the only host synchronisation per token, and only with stops
             return out[:, :pos + 1]
@@ -195,11 +201,7 @@ def _decode_padded(model: GPT, idx: torch.Tensor, padding: torch.Tensor, max_new
         cols = slice(0 if cache is None else cache.length, pos)  # without a cache, the whole prefix
         logits, _ = model(out[:, cols], kv_cache=cache, positions=positions[:, cols],
                           padding_mask=keys[:, :pos])
-        nxt = pick(logits[:, -1, :].float())
-        if stop.numel():
-            nxt = torch.where(done, pad, nxt)
-            done |= torch.isin(nxt, stop)
-        out[:, pos] = nxt
+        out[:, pos] = _choose(logits, pick, stop, done, pad)
         if stop.numel() and done.all():
             return out[:, :pos + 1]
     return out

@@ -58,11 +58,18 @@ def to_hf(model: GPT):
         n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         layer_norm_epsilon=c.layer_norm_epsilon, activation_function="gelu_new",
         bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True))
-    missing, unexpected = hf.load_state_dict(_minigpt_to_gpt2(model.state_dict()), strict=False)
-    leftover = [k for k in missing if k != "lm_head.weight"] + list(unexpected)
+    return _loaded(hf, _minigpt_to_gpt2(model.state_dict()), tied=True)
+
+
+def _loaded(hf, state: dict, tied: bool):
+    """``hf`` with ``state`` loaded (a tied head may be left out of it) and, when ``tied``, its head
+    tied to its embedding again; every other missing or unexpected name is an error."""
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    leftover = [k for k in missing if not (k == "lm_head.weight" and tied)] + list(unexpected)
     if leftover:
-        raise RuntimeError(f"weights did not line up with GPT2LMHeadModel: {leftover[:5]}")
-    hf.tie_weights()
+        raise RuntimeError(f"weights did not line up with {type(hf).__name__}: {leftover[:5]}")
+    if tied:
+        hf.tie_weights()
     return hf.eval()
 
 
@@ -79,13 +86,15 @@ def load_local(name_or_path: str | os.PathLike):
     if is_path and not os.path.isdir(text):
         raise FileNotFoundError(f"no directory {text!r}: pass a directory written by save_pretrained")
     try:
-        kind = AutoConfig.from_pretrained(text, local_files_only=True).model_type
+        config = AutoConfig.from_pretrained(text, local_files_only=True)
     except (OSError, ValueError) as e:  # transformers: files missing, or not a valid model name
         raise FileNotFoundError(_missing_weights(text, is_path, e)) from None
-    if kind not in ("gpt2", *LLAMA_FAMILY):
-        raise ValueError(f"{text!r} holds a {kind!r} model: minigpt reads gpt2, {', '.join(LLAMA_FAMILY)}")
-    try:
-        return AutoModelForCausalLM.from_pretrained(text, local_files_only=True, dtype=torch.float32)
+    if config.model_type not in ("gpt2", *LLAMA_FAMILY):
+        raise ValueError(f"{text!r} holds a {config.model_type!r} model: minigpt reads gpt2, "
+                         f"{', '.join(LLAMA_FAMILY)}")
+    try:  # the config just read, not read again
+        return AutoModelForCausalLM.from_pretrained(text, config=config, local_files_only=True,
+                                                    dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(_missing_weights(text, is_path, e)) from None
 
@@ -241,10 +250,4 @@ def _to_llama(model: GPT):
             parts = t.split(widths[ours.rsplit(".", 1)[0]]) if len(theirs) > 1 else [t]
             for name, part in zip(theirs, parts):
                 state[f"model.layers.{i}.{name}"] = part
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    leftover = [k for k in missing if not (k == "lm_head.weight" and c.tie_embeddings)] + list(unexpected)
-    if leftover:
-        raise RuntimeError(f"weights did not line up with {type(hf).__name__}: {leftover[:5]}")
-    if c.tie_embeddings:
-        hf.tie_weights()
-    return hf.eval()
+    return _loaded(hf, state, c.tie_embeddings)

@@ -28,13 +28,18 @@ GPT2_STYLE = dict(norm="layernorm", mlp="gelu", mlp_hidden=None, positions="lear
 LLAMA_STYLE = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, tie_embeddings=False)
 
 
+def _leaves_gpt2(config: GPTConfig) -> str | None:
+    """The first option of the step to LLaMA at which ``config`` leaves GPT-2's value, or None."""
+    return next((k for k, v in GPT2_STYLE.items() if getattr(config, k) != v), None)
+
+
 def require_gpt2(config: GPTConfig, what: str) -> None:
     """ValueError naming the first option at which ``config`` leaves GPT-2, for code written for GPT-2
     only (``what`` names it)."""
-    for k, v in GPT2_STYLE.items():
-        if getattr(config, k) != v:
-            raise ValueError(f"{what} takes GPT-2-style models only; this one has {k}="
-                             f"{getattr(config, k)!r} (GPT-2: {v!r})")
+    k = _leaves_gpt2(config)
+    if k is not None:
+        raise ValueError(f"{what} takes GPT-2-style models only; this one has {k}="
+                         f"{getattr(config, k)!r} (GPT-2: {GPT2_STYLE[k]!r})")
 
 
 @dataclass
@@ -147,8 +152,8 @@ class GPTConfig:
     @property
     def is_gpt2(self) -> bool:
         """Whether every option of the step to LLaMA is at GPT-2's value (the parallel strategies of
-        chapter 08 and the wafer's emulator take only such models)."""
-        return all(getattr(self, k) == v for k, v in GPT2_STYLE.items())
+        chapter 08 take only such models)."""
+        return _leaves_gpt2(self) is None
 
     @property
     def mup(self) -> bool:
