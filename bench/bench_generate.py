@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import write  # noqa: E402
+from common import interleaved, write  # noqa: E402
 from minigpt.generate import generate  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 
@@ -33,16 +32,19 @@ CONFIG = GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=512, vocab_size=5
 
 
 def interleaved_best(runs: dict, repeat: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Run each of ``runs`` (name -> function returning tokens) once per round, ``repeat`` rounds;
-    the fastest time of each, in seconds, and the tokens of its last run."""
-    best = {name: float("inf") for name in runs}
+    """Run each of ``runs`` (name -> function returning tokens) once per round, ``repeat`` rounds
+    (:func:`common.interleaved`, no warm-up); the fastest time of each, in seconds, and the tokens of
+    its last run."""
     tokens: dict = {}
-    for _ in range(repeat):
-        for name, fn in runs.items():
-            start = time.perf_counter()
+
+    def keeping(name, fn):
+        def run() -> None:
             tokens[name] = fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best, tokens
+        return run
+
+    rounds = interleaved({name: keeping(name, fn) for name, fn in runs.items()}, blocks=repeat, per_block=1,
+                         warmup=0)
+    return {name: min(seconds) for name, seconds in rounds.items()}, tokens
 
 
 def head_product_ms(model: GPT, repeat: int) -> dict[str, float]:
