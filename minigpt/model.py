@@ -321,10 +321,11 @@ class GPT(nn.Module):
             raise ValueError(f"positions up to {start + t} exceed block_size={self.config.block_size}")
         if t == 0:
             raise ValueError("idx is empty: a sequence needs at least one token")
-        low, high = torch.aminmax(idx)  # one pass over the ids, and one wait for the device
-        if low < 0 or high >= self.config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got "
-                             f"{low.item()}..{high.item()}")
+        if not torch.compiler.is_compiling():  # a compiled graph bounds-checks its gathers itself, and
+            low, high = torch.aminmax(idx)  # this branch on data would split the graph in two
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got "
+                                 f"{low.item()}..{high.item()}")
         if positions is not None and positions.shape != idx.shape:
             raise ValueError(f"positions of shape {tuple(positions.shape)} must match idx of shape "
                              f"{tuple(idx.shape)}")

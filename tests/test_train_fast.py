@@ -184,3 +184,23 @@ def test_tensor_parallel_attention_runs_the_same_core(monkeypatch):
         local = mha(x)
     assert seen == [(torch.float32, False)] * 2
     assert torch.equal(whole, local)
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_the_training_forward_compiles_as_one_graph(style):
+    """``--compile`` traces the model's forward pass with its loss; a graph break (a branch on a
+    tensor's value, say) would split it into pieces compiled apart, with Python between them.
+    Dynamo's trace alone, without compiling kernels: seconds, not the minute of a first compile."""
+    from minigpt.model import GPT, LLAMA_STYLE, GPTConfig
+
+    extra = LLAMA_STYLE if style == "llama" else {}
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=20, **extra))
+    x, y = torch.randint(0, 20, (2, 8)), torch.randint(0, 20, (2, 8))
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        training = torch._dynamo.explain(model)(x, y)
+    with torch.no_grad():
+        evaluation = torch._dynamo.explain(model.eval())(x, y)
+    for run in (training, evaluation):
+        assert run.graph_break_count == 0, run.break_reasons
+        assert run.graph_count == 1
