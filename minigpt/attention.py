@@ -320,9 +320,48 @@ def sinusoidal_positions(t: int, d: int, base: float = 10000.0) -> torch.Tensor:
     return pe.float()
 
 
+def rope_frequencies(head_dim: int, base: float = 10000.0,
+                     scaling: tuple[float, float, float, int] | None = None) -> torch.Tensor:
+    """RoPE's angular frequencies, one per pair of dimensions: base^(-2i/d), in float64.
+
+    ``scaling`` = (factor, low_freq_factor, high_freq_factor, context) is LLaMA-3.1's rescaling, which
+    stretches a model pretrained on ``context`` positions to a longer one. It counts the turns each
+    pair makes over that context (context / wavelength): a pair making fewer than low_freq_factor
+    turns is slowed ``factor`` times (its angles stretch over the longer context), one making more
+    than high_freq_factor turns is kept (it encodes nearby order, which a longer context does not
+    change), and one in between blends the two linearly in its number of turns.
+
+    Built in: 03_gpt
+    """
+    freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is None:
+        return freq
+    factor, low, high, context = check_rope_scaling(scaling)
+    turns = context * freq / (2 * math.pi)
+    keep = ((turns - low) / (high - low)).clamp(0.0, 1.0)  # 0: slowed fully, 1: kept
+    return keep * freq + (1 - keep) * freq / factor
+
+
+def check_rope_scaling(scaling) -> tuple[float, float, float, int]:
+    """``scaling`` as (factor, low_freq_factor, high_freq_factor, context), or a ValueError naming it."""
+    valid = ("(factor, low_freq_factor, high_freq_factor, context) with factor >= 1, "
+             "0 < low_freq_factor < high_freq_factor and context a positive integer")
+    try:
+        factor, low, high, context = scaling
+        ok = (all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                  for v in (factor, low, high)) and factor >= 1 and 0 < low < high
+              and isinstance(context, int) and not isinstance(context, bool) and context > 0)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"rope_scaling={scaling!r} must be {valid}")
+    return float(factor), float(low), float(high), context
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoPE): rotate pairs of a head's dimensions, pair i by the angle
-    p * base^(-2i/d) at position p.
+    p * base^(-2i/d) at position p (``scaling``: LLaMA-3.1's rescaled frequencies, see
+    :func:`rope_frequencies`).
 
     Applied to queries and keys, it makes the score q_m . k_n depend on the positions only through
     m - n. ``forward(x, offset)`` takes (..., T, head_dim) with positions offset..offset+T-1, or
@@ -336,15 +375,15 @@ class RotaryEmbedding(nn.Module):
 
     inv_freq: torch.Tensor  # (head_dim / 2,) a buffer
 
-    def __init__(self, head_dim: int, base: float = 10000.0, interleaved: bool = True):
+    def __init__(self, head_dim: int, base: float = 10000.0, interleaved: bool = True,
+                 scaling: tuple[float, float, float, int] | None = None):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"head_dim={head_dim} must be even for RoPE")
         if not (isinstance(base, (int, float)) and 1.0 < base < math.inf):
             raise ValueError(f"base={base!r} must be a finite number greater than 1")
-        self.head_dim, self.base, self.interleaved = head_dim, base, interleaved
-        self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2).double() / head_dim),
-                             persistent=False)
+        self.head_dim, self.base, self.interleaved, self.scaling = head_dim, base, interleaved, scaling
+        self.register_buffer("inv_freq", rope_frequencies(head_dim, base, scaling), persistent=False)
 
     def angles(self, t: int, offset: int = 0) -> torch.Tensor:
         pos = torch.arange(offset, offset + t, dtype=torch.float64, device=self.inv_freq.device)

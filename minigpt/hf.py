@@ -150,17 +150,22 @@ _LLAMA_NAMES = {
 }
 
 
-def _rope_theta(c) -> float:
-    """RoPE's base from a transformers config (``rope_parameters`` in transformers 5, ``rope_theta``
-    before); a scaled RoPE (LLaMA-3.1's "llama3", YaRN, ...) is refused by name."""
-    params: dict = getattr(c, "rope_parameters", None) or {}
+def _rope(c) -> tuple[float, tuple[float, float, float, int] | None]:
+    """RoPE's base and rescaling from a transformers config (``rope_parameters`` in transformers 5,
+    ``rope_theta`` and ``rope_scaling`` before): LLaMA-3.1's "llama3" rescaling is read, any other
+    (YaRN, linear, dynamic, ...) is refused by name."""
+    params: dict = dict(getattr(c, "rope_parameters", None) or {})
     scaling = getattr(c, "rope_scaling", None)
-    kind = params.get("rope_type", "default")
-    if kind == "default" and isinstance(scaling, dict):
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"rope_type={kind!r}: minigpt's RoPE is the default (unscaled) one")
-    return float(params.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
+    if params.get("rope_type", "default") == "default" and isinstance(scaling, dict):
+        params = {**scaling, **{k: v for k, v in params.items() if k != "rope_type"}}
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise ValueError(f"rope_type={kind!r}: minigpt's RoPE is the default one or LLaMA-3.1's 'llama3'")
+    return theta, (params["factor"], params["low_freq_factor"], params["high_freq_factor"],
+                   params["original_max_position_embeddings"])
 
 
 def _config_from_llama(c) -> GPTConfig:
@@ -178,11 +183,12 @@ def _config_from_llama(c) -> GPTConfig:
     else:
         bias, qkv_bias = attention_bias, None
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    theta, scaling = _rope(c)
     return GPTConfig(
         block_size=c.max_position_embeddings, vocab_size=c.vocab_size, n_layer=c.num_hidden_layers,
         n_head=c.num_attention_heads, n_embd=c.hidden_size, dropout=0.0, bias=bias,
         layer_norm_epsilon=c.rms_norm_eps, norm="rmsnorm", mlp="swiglu", mlp_hidden=c.intermediate_size,
-        positions="rope", rope_theta=_rope_theta(c), n_kv_head=c.num_key_value_heads,
+        positions="rope", rope_theta=theta, rope_scaling=scaling, n_kv_head=c.num_key_value_heads,
         head_size=None if head_dim * c.num_attention_heads == c.hidden_size else head_dim,
         qkv_bias=qkv_bias, qk_norm=kind == "qwen3", tie_embeddings=bool(c.tie_word_embeddings))
 
@@ -197,6 +203,15 @@ def _llama_to_minigpt(sd: dict, config: GPTConfig) -> dict:
             if all(name in sd for name in names):
                 out[f"transformer.h.{i}.{ours}"] = torch.cat([sd[name] for name in names])
     return out
+
+
+def _rope_parameters(c: GPTConfig) -> dict:
+    """transformers' ``rope_parameters`` for a LLaMA-style config (the inverse of :func:`_rope`)."""
+    if c.rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": float(c.rope_theta)}
+    factor, low, high, context = c.rope_scaling
+    return {"rope_type": "llama3", "rope_theta": float(c.rope_theta), "factor": factor,
+            "low_freq_factor": low, "high_freq_factor": high, "original_max_position_embeddings": context}
 
 
 def _to_llama(model: GPT):
@@ -220,7 +235,7 @@ def _to_llama(model: GPT):
                   num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.kv_heads,
                   head_dim=c.head_dim, max_position_embeddings=c.block_size,
                   rms_norm_eps=c.layer_norm_epsilon,
-                  rope_parameters={"rope_type": "default", "rope_theta": float(c.rope_theta)},
+                  rope_parameters=_rope_parameters(c),
                   tie_word_embeddings=c.tie_embeddings, attention_dropout=0.0, hidden_act="silu",
                   bos_token_id=None, eos_token_id=None, pad_token_id=None)  # minigpt has no special ids
     qkv_bias = c.bias if c.qkv_bias is None else c.qkv_bias

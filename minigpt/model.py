@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt.attention import MultiHeadAttention, RotaryEmbedding
+from minigpt.attention import MultiHeadAttention, RotaryEmbedding, check_rope_scaling
 from minigpt.checks import positive_int
 from minigpt.moe import MoE
 
@@ -74,6 +74,7 @@ class GPTConfig:
     mlp_hidden: int | None = None  # the MLP's hidden width; None: ffn_hidden's rule
     positions: str = "learned"  # "rope": rotary, on queries and keys; "none": no position signal
     rope_theta: float = 10000.0  # RoPE's base (LLaMA-2 10,000; LLaMA-3 500,000)
+    rope_scaling: tuple[float, float, float, int] | None = None  # LLaMA-3.1's: see rope_frequencies
     n_kv_head: int | None = None  # key and value heads (grouped-query attention); None: n_head; 1: MQA
     head_size: int | None = None  # each head's width; None: n_embd / n_head (Qwen3 sets it apart)
     qkv_bias: bool | None = None  # biases on the queries, keys and values; None: as bias (Qwen2: on)
@@ -97,6 +98,11 @@ class GPTConfig:
                              f"head serves the same number of query heads")
         if not (isinstance(self.rope_theta, (int, float)) and 1.0 < self.rope_theta < math.inf):
             raise ValueError(f"rope_theta={self.rope_theta!r} must be a finite number greater than 1")
+        if self.rope_scaling is not None:
+            if self.positions != "rope":
+                raise ValueError(f"rope_scaling={self.rope_scaling!r} rescales RoPE: it needs "
+                                 f"positions='rope'")
+            self.rope_scaling = check_rope_scaling(self.rope_scaling)
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"positions='rope' rotates pairs of dimensions: the head size {self.head_dim} "
                              f"must be even")
@@ -225,7 +231,8 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.ln_1 = make_norm(config)
-        rope = (RotaryEmbedding(config.head_dim, config.rope_theta, interleaved=False)
+        rope = (RotaryEmbedding(config.head_dim, config.rope_theta, interleaved=False,
+                                scaling=config.rope_scaling)
                 if config.positions == "rope" else None)
         self.attn = MultiHeadAttention(config.n_embd, config.n_head, bias=config.bias,
                                        dropout=config.dropout, causal=True, use_sdpa=True, rope=rope,

@@ -190,6 +190,7 @@ def test_options_the_emulator_cannot_take(llama):
     config = GPTConfig(**LLAMA_STYLE, **SMALL, n_kv_head=2)
     for options, message in [
             (dict(qk_norm=True), r"qk_norm=True \(valid: False\)"),
+            (dict(rope_scaling=(8.0, 1.0, 4.0, 16)), r"rope_scaling=\(8.0, 1.0, 4.0, 16\) \(valid: None\)"),
             (dict(head_size=16), r"heads of n_embd / n_head = 8: this model has head_size=16"),
             (dict(qkv_bias=True), r"qkv_bias=True with bias=False"),
             (dict(n_expert=2), r"n_expert=2 \(a mixture of experts\)")]:

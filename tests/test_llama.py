@@ -152,10 +152,78 @@ def test_from_pretrained_reads_a_save_pretrained_directory(family, tmp_path):
         torch.testing.assert_close(ours(x)[0], hf(x).logits, **TOL)
 
 
+# LLaMA-3.1's published rescaling (factor 8, low and high frequency factors 1 and 4, pretrained on 8,192
+# positions), with the context shrunk to 16 positions so that a 48-position test model uses all three
+# regimes: pairs slowed, blended and kept
+LLAMA3 = (8.0, 1.0, 4.0, 16)
+
+
+def llama3_parameters(scaling=LLAMA3, theta=5000.0):
+    factor, low, high, context = scaling
+    return {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": low,
+            "high_freq_factor": high, "original_max_position_embeddings": context}
+
+
+@pytest.mark.parametrize("head_dim,theta,scaling", [(64, 5000.0, LLAMA3), (128, 500000.0, (8.0, 1.0, 4.0, 8192)),
+                                                    (128, 500000.0, (32.0, 1.0, 4.0, 8192))],
+                         ids=["test-model", "llama-3.1-8b", "llama-3.2-1b"])
+def test_llama3_rope_frequencies_equal_transformers(head_dim, theta, scaling):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from minigpt.attention import rope_frequencies
+
+    config = LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim,
+                         max_position_embeddings=4 * scaling[3], rope_parameters=llama3_parameters(scaling, theta))
+    theirs, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    assert attention_factor == 1.0  # LLaMA-3.1's rescaling leaves the scores' scale alone
+    ours = rope_frequencies(head_dim, theta, scaling)
+    plain = rope_frequencies(head_dim, theta)
+    # transformers computes in float32: 1e-6 relative
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-6, atol=0)
+    factor, low, high, context = scaling
+    turns = context * plain / (2 * torch.pi)
+    assert torch.equal(ours[turns > high], plain[turns > high])  # fast pairs kept
+    torch.testing.assert_close(ours[turns < low], plain[turns < low] / factor, rtol=1e-15, atol=0)  # slowed
+    blended = (turns >= low) & (turns <= high)
+    assert blended.any() and ((ours[blended] <= plain[blended]) & (ours[blended] >= plain[blended] / factor)).all()
+
+
+def test_llama3_rope_models_equal_transformers_both_ways(tmp_path):
+    ours = llama("llama", 2, rope_scaling=LLAMA3)
+    hf = ours.to_hf()
+    assert hf.config.rope_parameters == llama3_parameters()
+    x = prompts(t=48)  # past the 16 positions of the "pretraining" context
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], hf(x).logits, **TOL)
+        back = GPT.from_hf(hf).eval()
+        assert back.config.rope_scaling == LLAMA3
+        torch.testing.assert_close(back(x)[0], hf(x).logits, **TOL)
+        hf.save_pretrained(tmp_path)
+        torch.testing.assert_close(GPT.from_pretrained(tmp_path).eval()(x)[0], hf(x).logits, **TOL)
+        unscaled = llama("llama", 2)  # the same weights (same seed): the rescaling changes the logits
+        assert (unscaled(x)[0] - ours(x)[0]).abs().max() > 1e-3
+    tokens = generate(ours, x[:1, :8], 20, do_sample=False)
+    assert torch.equal(tokens, hf.generate(x[:1, :8], max_new_tokens=20, do_sample=False))
+
+
+@pytest.mark.parametrize("scaling", [(0.5, 1.0, 4.0, 16), (8.0, 4.0, 1.0, 16), (8.0, 0.0, 4.0, 16),
+                                     (8.0, 1.0, 4.0, 0), (8.0, 1.0, 4.0, 16.0), (8.0, 1.0, 4.0),
+                                     "llama3", (8.0, float("nan"), 4.0, 16)])
+def test_bad_rope_scaling_is_named(scaling):
+    with pytest.raises(ValueError, match="rope_scaling="):
+        llama("llama", 2, rope_scaling=scaling)
+
+
+def test_rope_scaling_needs_rope():
+    with pytest.raises(ValueError, match="needs positions='rope'"):
+        GPTConfig(vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=16, block_size=8, rope_scaling=LLAMA3)
+
+
 def test_unsupported_transformers_settings_are_named():
     hf = llama("llama", 2).to_hf()
-    hf.config.rope_parameters = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
-    with pytest.raises(ValueError, match="rope_type='llama3'"):
+    hf.config.rope_parameters = {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}
+    with pytest.raises(ValueError, match="rope_type='yarn'"):
         GPT.from_hf(hf)
     hf = llama("llama", 2).to_hf()
     hf.config.hidden_act = "gelu"

@@ -116,7 +116,8 @@ class Layout:
 
 def layout(config) -> Layout:
     """The :class:`Layout` of a minigpt ``GPTConfig``, or a ValueError naming an option the emulator
-    cannot take (muP, a mixture of experts, Qwen3's norms on queries and keys, a head size set apart
+    cannot take (muP, a mixture of experts, Qwen3's norms on queries and keys, LLaMA-3.1's rescaled
+    RoPE, a head size set apart
     from n_embd / n_head, biases on q, k and v but not on the other products, or the reverse)."""
     if config.mup:
         raise ValueError(f"the emulator runs GPT-2's standard parametrisation; this model uses muP "
@@ -126,6 +127,9 @@ def layout(config) -> Layout:
                          f"{config.n_expert} (a mixture of experts)")
     if config.qk_norm:
         raise ValueError("the emulator has no norm on each head's query and key: qk_norm=True (valid: False)")
+    if config.rope_scaling is not None:
+        raise ValueError(f"the emulator rotates by RoPE's unscaled frequencies: rope_scaling="
+                         f"{config.rope_scaling} (valid: None)")
     if config.head_dim * config.n_head != config.n_embd:
         raise ValueError(f"the emulator needs heads of n_embd / n_head = {config.n_embd / config.n_head:g}: "
                          f"this model has head_size={config.head_size} (valid: None, or n_embd / n_head)")
