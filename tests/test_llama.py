@@ -164,7 +164,8 @@ def llama3_parameters(scaling=LLAMA3, theta=5000.0):
             "high_freq_factor": high, "original_max_position_embeddings": context}
 
 
-@pytest.mark.parametrize("head_dim,theta,scaling", [(64, 5000.0, LLAMA3), (128, 500000.0, (8.0, 1.0, 4.0, 8192)),
+@pytest.mark.parametrize("head_dim,theta,scaling", [(64, 5000.0, LLAMA3),
+                                                    (128, 500000.0, (8.0, 1.0, 4.0, 8192)),
                                                     (128, 500000.0, (32.0, 1.0, 4.0, 8192))],
                          ids=["test-model", "llama-3.1-8b", "llama-3.2-1b"])
 def test_llama3_rope_frequencies_equal_transformers(head_dim, theta, scaling):
@@ -174,7 +175,8 @@ def test_llama3_rope_frequencies_equal_transformers(head_dim, theta, scaling):
     from minigpt.attention import rope_frequencies
 
     config = LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim,
-                         max_position_embeddings=4 * scaling[3], rope_parameters=llama3_parameters(scaling, theta))
+                         max_position_embeddings=4 * scaling[3],
+                         rope_parameters=llama3_parameters(scaling, theta))
     theirs, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     assert attention_factor == 1.0  # LLaMA-3.1's rescaling leaves the scores' scale alone
     ours = rope_frequencies(head_dim, theta, scaling)
@@ -186,7 +188,8 @@ def test_llama3_rope_frequencies_equal_transformers(head_dim, theta, scaling):
     assert torch.equal(ours[turns > high], plain[turns > high])  # fast pairs kept
     torch.testing.assert_close(ours[turns < low], plain[turns < low] / factor, rtol=1e-15, atol=0)  # slowed
     blended = (turns >= low) & (turns <= high)
-    assert blended.any() and ((ours[blended] <= plain[blended]) & (ours[blended] >= plain[blended] / factor)).all()
+    assert blended.any()
+    assert ((ours[blended] <= plain[blended]) & (ours[blended] >= plain[blended] / factor)).all()
 
 
 def test_llama3_rope_models_equal_transformers_both_ways(tmp_path):
