@@ -313,7 +313,7 @@ def sinusoidal_positions(t: int, d: int, base: float = 10000.0) -> torch.Tensor:
     if d % 2:
         raise ValueError(f"d={d} must be even for sinusoidal positions")
     pos = torch.arange(t, dtype=torch.float64)[:, None]
-    freq = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    freq = rope_frequencies(d, base)  # RoPE rotates by the same frequencies
     pe = torch.zeros(t, d, dtype=torch.float64)
     pe[:, 0::2] = torch.sin(pos * freq)
     pe[:, 1::2] = torch.cos(pos * freq)

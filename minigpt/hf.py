@@ -157,7 +157,7 @@ def _rope(c) -> tuple[float, tuple[float, float, float, int] | None]:
     params: dict = dict(getattr(c, "rope_parameters", None) or {})
     scaling = getattr(c, "rope_scaling", None)
     if params.get("rope_type", "default") == "default" and isinstance(scaling, dict):
-        params = {**scaling, **{k: v for k, v in params.items() if k != "rope_type"}}
+        params.update(scaling)  # before transformers 5: the rescaling kept apart from the base
     kind = params.get("rope_type", params.get("type", "default"))
     theta = float(params.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
     if kind == "default":

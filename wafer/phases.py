@@ -117,8 +117,8 @@ class Layout:
 def layout(config) -> Layout:
     """The :class:`Layout` of a minigpt ``GPTConfig``, or a ValueError naming an option the emulator
     cannot take (muP, a mixture of experts, Qwen3's norms on queries and keys, LLaMA-3.1's rescaled
-    RoPE, a head size set apart
-    from n_embd / n_head, biases on q, k and v but not on the other products, or the reverse)."""
+    RoPE, a head size set apart from n_embd / n_head, biases on q, k and v but not on the other
+    products, or the reverse)."""
     if config.mup:
         raise ValueError(f"the emulator runs GPT-2's standard parametrisation; this model uses muP "
                          f"(mup_base_width={config.mup_base_width})")
