@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt.generate import sample_next
+from minigpt.generate import generate
 from minigpt.lora import (  # noqa: F401  (LoRA is part of finetuning's interface, as chapter 05 imports it)
     LORA_TARGETS,
     LoRALinear,
@@ -307,44 +307,27 @@ def mean_loss(model: nn.Module, examples: Examples, batch_size: int = 64) -> flo
 @torch.inference_mode()
 def greedy_complete(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_id: int,
                     pad_id: int = 0, batch_size: int = 64) -> list[list[int]]:
-    """Greedy continuations of many prompts of different lengths, a batch at a time.
-
-    The prompts are padded on the right. Causal attention means that a position's logits depend only
-    on the tokens up to it, so each row reads the logits at its own last token and writes the chosen
-    token into the next position, over the padding. A row stops at ``stop_id`` (not included in its
-    result) or after ``max_new_tokens``. Equal to :func:`minigpt.generate.generate` with
-    ``do_sample=False`` prompt by prompt (a test checks this), and much faster on a CPU than one
-    prompt at a time.
+    """Greedy continuations of many prompts of different lengths, ``batch_size`` at a time: each
+    batch is one call of :func:`minigpt.generate.generate` with the prompts as a list (left-padded,
+    each row as it would be alone, with the KV cache). A row stops at ``stop_id`` (not included in
+    its result) or after ``max_new_tokens``. Leaves the model in eval mode.
 
     Built in: 05_finetuning
     """
     model.eval()
-    device = next(model.parameters()).device
     block = model.config.block_size
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = [list(p) for p in prompts[start:start + batch_size]]
-        lengths = torch.tensor([len(p) for p in chunk], device=device)
-        if lengths.min() < 1 or lengths.max() + max_new_tokens > block:
-            raise ValueError(f"prompts of {lengths.min().item()}..{lengths.max().item()} tokens plus "
-                             f"{max_new_tokens} new ones must fit in block_size={block}")
-        buf = torch.full((len(chunk), int(lengths.max()) + max_new_tokens), pad_id, device=device)
-        for row, p in enumerate(chunk):
-            buf[row, :len(p)] = torch.tensor(p)
-        rows = torch.arange(len(chunk), device=device)
-        done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-        answers: list[list[int]] = [[] for _ in chunk]
-        for _ in range(max_new_tokens):
-            logits = model(buf[:, :lengths.max()])[0]
-            nxt = sample_next(logits[rows, lengths - 1], temperature=0.0)  # greedy
-            done |= nxt == stop_id
-            for row in (~done).nonzero().flatten().tolist():
-                answers[row].append(nxt[row].item())
-            buf[rows[~done], lengths[~done]] = nxt[~done]
-            lengths = torch.where(done, lengths, lengths + 1)
-            if done.all():
-                break
-        out.extend(answers)
+        lengths = [len(p) for p in chunk]
+        if min(lengths) < 1 or max(lengths) + max_new_tokens > block:
+            raise ValueError(f"prompts of {min(lengths)}..{max(lengths)} tokens plus {max_new_tokens} new "
+                             f"ones must fit in block_size={block}")
+        rows = generate(model, chunk, max_new_tokens, do_sample=False, stop_tokens=[stop_id],
+                        pad_token_id=pad_id)
+        for p, row in zip(chunk, rows):
+            answer = row[len(p):].tolist()
+            out.append(answer[:-1] if answer and answer[-1] == stop_id else answer)
     return out
 
 

@@ -245,7 +245,8 @@ def _prompts(input_ids, attention_mask, pad: int, device) -> tuple[torch.Tensor,
 
 
 @torch.inference_mode()
-def generate(model: GPT, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int | None = None,
+def generate(model: GPT, input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+             max_new_tokens: int | None = None,
              *, max_length: int | None = None, do_sample: bool = True, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, num_return_sequences: int = 1,
              stop_tokens: Iterable[int] = (), pad_token_id: int | None = None,
