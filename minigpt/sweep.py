@@ -13,11 +13,18 @@ Built in: 06_scaling
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from minigpt.model import GPT, GPTConfig, require_gpt2
-from minigpt.train import TokenWindows, TrainConfig, learning_rate, parameter_groups
+from minigpt.train import TokenWindows, TrainConfig, Trainer, learning_rate, parameter_groups
 
 
 def _names(config: GPTConfig) -> set[str]:
@@ -203,3 +210,56 @@ def train_members(config: GPTConfig, train_ids: torch.Tensor, configs: list[Trai
         models.append(GPT(config))
     train_stacked(models, train_ids, configs)
     return [m.eval() for m in models]
+
+
+# -- runs of different shapes, side by side --------------------------------------------------------
+def train_alone(config: GPTConfig, train_ids: torch.Tensor, val_ids: torch.Tensor, settings: TrainConfig,
+                init_seed: int = 0, dtype: torch.dtype = torch.float32) -> GPT:
+    """``torch.manual_seed(init_seed); GPT(config)`` in ``dtype``, trained by the :class:`Trainer`
+    alone with ``settings``; returned in eval mode. A function of its arguments only, so that
+    :func:`in_processes` can run it in another process.
+
+    Built in: 06_scaling
+    """
+    torch.manual_seed(init_seed)
+    model = GPT(config).to(dtype)
+    Trainer(model, train_ids, val_ids, settings).train()
+    return model.eval()
+
+
+def _timed_call(function: Callable, args: tuple) -> tuple[Any, int, float, float]:
+    start = time.time()  # wall-clock time: comparable between processes
+    result = function(*args)
+    return result, os.getpid(), start, time.time()
+
+
+def _one_thread_each(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def in_processes(function: Callable, calls: Sequence[tuple], processes: int = 2, threads: int = 1,
+                 ) -> tuple[list, list[tuple[int, float, float]]]:
+    """``[function(*args) for args in calls]``, computed by ``processes`` fresh worker processes with
+    ``threads`` intra-op threads each, which take the calls in order as they come free. Returns the
+    results in the calls' order, and for each call (worker 0, 1, ..., start, end) in seconds from
+    the first start. ``function`` must be importable by name (a module's function, not a notebook's);
+    an exception in a call is raised here.
+
+    Small models gain little from a second thread per operation; two processes, one thread each,
+    train two of them at once. The result of a call does not depend on how many processes there are.
+
+    Built in: 06_scaling
+    """
+    for name, value in (("processes", processes), ("threads", threads)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a whole number of at least 1")
+    if not calls:
+        return [], []
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited thread pools
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_one_thread_each,
+                             initargs=(threads,)) as pool:
+        done = [f.result() for f in [pool.submit(_timed_call, function, tuple(args)) for args in calls]]
+    workers = {pid: i for i, pid in enumerate(dict.fromkeys(pid for _, pid, _, _ in done))}
+    first = min(start for _, _, start, _ in done)
+    return ([result for result, _, _, _ in done],
+            [(workers[pid], start - first, end - first) for _, pid, start, end in done])

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from minigpt.model import GPT, GPTConfig
-from minigpt.sweep import stack_parameters, stacked_loss, train_members, train_stacked
+from minigpt.sweep import (
+    in_processes,
+    stack_parameters,
+    stacked_loss,
+    train_alone,
+    train_members,
+    train_stacked,
+)
 from minigpt.train import TrainConfig, Trainer
 
 VOCAB = 30
@@ -121,3 +128,36 @@ def test_in_float64_a_member_equals_its_trainer_run_to_rounding():
     Trainer(alone, IDS, IDS, settings).train()
     gap = max((p - q).abs().max().item() for p, q in zip(alone.parameters(), stacked[1].parameters()))
     assert gap < 1e-8, gap
+
+
+def test_runs_in_processes_equal_the_same_runs_here_with_one_thread():
+    """Two worker processes of one thread each: every result equals the call made here with one
+    thread (the same computation), in the calls' order, whatever order the workers finish in."""
+    calls = [(GPTConfig(n_layer=1, n_head=2, n_embd=width, block_size=8, vocab_size=VOCAB), IDS, IDS,
+              TrainConfig(max_steps=steps, lr=1e-2, min_lr=1e-3, seed=seed, **QUIET), seed)
+             for width, steps, seed in ((16, 30, 0), (8, 5, 1), (8, 12, 2))]
+    models, spans = in_processes(train_alone, calls, processes=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = [train_alone(*call) for call in calls]
+    finally:
+        torch.set_num_threads(threads)
+    for there, alone in zip(models, here, strict=True):
+        assert not there.training
+        for (name, p), q in zip(there.named_parameters(), alone.parameters(), strict=True):
+            assert torch.equal(p, q), name
+    assert len(spans) == 3 and {w for w, _, _ in spans} <= {0, 1}
+    assert all(0 <= start <= end for _, start, end in spans) and min(s for _, s, _ in spans) == 0
+    assert in_processes(train_alone, []) == ([], [])
+
+
+def test_in_processes_names_bad_input_and_raises_a_calls_error():
+    with pytest.raises(ValueError, match=r"processes=0 must be a whole number of at least 1"):
+        in_processes(train_alone, [()], processes=0)
+    with pytest.raises(ValueError, match=r"threads=1.5 must be"):
+        in_processes(train_alone, [()], threads=1.5)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=VOCAB)
+    bad = TrainConfig(max_steps=2, lr=1e-2, min_lr=1e-3, **QUIET)
+    with pytest.raises(ValueError, match="block_size"):  # windows longer than the data
+        in_processes(train_alone, [(config, IDS[:5], IDS, bad)], processes=1)
