@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import best_of, write  # noqa: E402
+from common import best_of, interleaved, write  # noqa: E402
 from minigpt.data import story_corpus, train_val_split  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 from minigpt.scaling import compute_optimal_tokens  # noqa: E402
@@ -71,12 +70,7 @@ def family_rows() -> list[dict]:
     ways = {f"one after another, {threads} threads": lambda: one_after_another(threads),
             "one after another, 1 thread": lambda: one_after_another(1),
             "two processes of 1 thread (in_processes)": lambda: in_processes(train_alone, runs, processes=2)}
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(FAMILY_ROUNDS):
-        for name, way in ways.items():
-            start = time.perf_counter()
-            way()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved(ways, blocks=FAMILY_ROUNDS, per_block=1, warmup=0)
     base = statistics.median(times[f"one after another, {threads} threads"])
     rows = []
     for name, values in times.items():
